@@ -1,0 +1,50 @@
+// remap_state on the CPU: one merge pass over the two sorted index vectors, O(k_old + k_new),
+// no m x n temporary and no per-entry binary search.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Tensor& new_idx,
+                                        at::TensorList states) {
+  TORCH_CHECK(old_idx.scalar_type() == at::kInt && new_idx.scalar_type() == at::kInt,
+              "remap_state: old_idx and new_idx must be int32 (sorted flat indices)");
+  TORCH_CHECK(old_idx.dim() == 1 && new_idx.dim() == 1, "remap_state: index vectors must be 1-D");
+  const auto k_old = old_idx.numel();
+  const auto k_new = new_idx.numel();
+  auto old_c = old_idx.contiguous();
+  auto new_c = new_idx.contiguous();
+  const int32_t* o = old_c.data_ptr<int32_t>();
+  const int32_t* n = new_c.data_ptr<int32_t>();
+
+  // src[j] = position in old of new[j], or -1 when new[j] was not selected before.
+  std::vector<int64_t> src(k_new, -1);
+  int64_t i = 0;
+  for (int64_t j = 0; j < k_new; ++j) {
+    while (i < k_old && o[i] < n[j]) ++i;
+    if (i < k_old && o[i] == n[j]) src[j] = i;
+  }
+
+  std::vector<at::Tensor> out;
+  out.reserve(states.size());
+  for (const auto& s : states) {
+    TORCH_CHECK(s.dim() == 1 && s.numel() == k_old,
+                "remap_state: every state must be 1-D with as many entries as old_idx");
+    auto sc = s.contiguous();
+    auto r = at::zeros({k_new}, s.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "remap_state_cpu", [&] {
+      const scalar_t* in = sc.data_ptr<scalar_t>();
+      scalar_t* dst = r.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < k_new; ++j)
+        if (src[j] >= 0) dst[j] = in[src[j]];
+    });
+    out.push_back(r);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lift_kernels, CPU, m) { m.impl("remap_state", &remap_state_cpu); }

@@ -1,0 +1,48 @@
+// Schemas of every lift_kernels op (one place), and the small Python module lift_kernels._C.
+// Device kernels register themselves with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+TORCH_LIBRARY(lift_kernels, m) {
+  // Carry per-entry state from sorted flat indices old_idx to sorted new_idx; new entries get 0.
+  m.def("remap_state(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[]");
+  // Sorted int32 flat indices of the k largest (or smallest) |W'| of each matrix of a batch W
+  // (b, m, n), W' its rank-lra_rank approximation by an accurate randomized method seeded by `seed`.
+  m.def("principal_weights(Tensor W, int k, int lra_rank, bool largest, int seed) -> Tensor");
+}
+
+namespace {
+
+const std::vector<std::string> kOps = {"remap_state", "principal_weights"};
+
+c10::DispatchKey key_for(const std::string& device) {
+  if (device == "cpu") return c10::DispatchKey::CPU;
+  if (device == "cuda") return c10::DispatchKey::CUDA;
+  TORCH_CHECK(false, "device must be 'cpu' or 'cuda', got '", device, "'");
+}
+
+bool has_kernel(const std::string& op, const std::string& device) {
+  auto handle = c10::Dispatcher::singleton().findSchema({"lift_kernels::" + op, ""});
+  return handle.has_value() && handle->hasKernelForDispatchKey(key_for(device));
+}
+
+// "op:device" for every kernel this build registered, for lk.info().
+std::vector<std::string> kernels() {
+  std::vector<std::string> out;
+  for (const auto& op : kOps)
+    for (const char* dev : {"cpu", "cuda"})
+      if (has_kernel(op, dev)) out.push_back(op + ":" + dev);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lift_kernels native ops (registered as torch.ops.lift_kernels.*)";
+  m.def("has_kernel", &has_kernel, "whether op has a kernel for device ('cpu' or 'cuda')");
+  m.def("kernels", &kernels, "the op:device kernels of this build");
+}

@@ -1,0 +1,34 @@
+"""The ``cuda`` backend: Python signatures of the reference ops over torch.ops.lift_kernels.
+
+The compiled extension lift_kernels._C registers the op schemas (csrc/ops.cpp) and its CPU and CUDA
+kernels; this module adapts arguments and registers the fake (meta) implementations that
+torch.compile needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+
+def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
+    return list(torch.ops.lift_kernels.remap_state(old_idx, new_idx, states))
+
+
+def principal_weights(W: Tensor, k: int, lra_rank: int, svd: str = "fast", largest: bool = True,
+                      generator: torch.Generator | None = None) -> Tensor:
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    batch = W if W.dim() == 3 else W.unsqueeze(0)
+    idx = torch.ops.lift_kernels.principal_weights(batch, k, lra_rank, largest, seed)
+    return idx if W.dim() == 3 else idx[0]
+
+
+if _ext.EXT is not None:
+    @torch.library.register_fake("lift_kernels::remap_state")
+    def _remap_state_fake(old_idx, new_idx, states):
+        return [s.new_empty(new_idx.shape) for s in states]
+
+    @torch.library.register_fake("lift_kernels::principal_weights")
+    def _principal_weights_fake(W, k, lra_rank, largest, seed):
+        return W.new_empty((W.shape[0], k), dtype=torch.int32)

@@ -1,0 +1,74 @@
+"""Which entries of a weight LIFT trains: principal weights and the paper's ablation selectors."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .lowrank import exact_lowrank, fast_lowrank
+
+SELECTORS = ("lift", "magnitude", "random", "gradient")
+SVD_MODES = ("exact", "fast")
+
+
+def topk_flat_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Sorted int32 flat indices of the k largest (or smallest) entries of each matrix in ``scores``.
+
+    ``scores`` is (m, n) or (b, m, n); the result is (k,) or (b, k). Ties at the threshold go to the
+    lowest flat index, so the result is deterministic and has exactly k entries.
+    """
+    batched = scores.dim() == 3
+    flat = scores.reshape(scores.shape[0] if batched else 1, -1)
+    out = torch.empty(flat.shape[0], k, dtype=torch.int32, device=scores.device)
+    for b in range(flat.shape[0]):
+        s = flat[b] if largest else -flat[b]
+        if k == 0:
+            continue
+        thr = torch.topk(s, k, sorted=False).values.min()
+        above = torch.nonzero(s > thr).flatten()
+        at = torch.nonzero(s == thr).flatten()[: k - above.numel()]
+        out[b] = torch.sort(torch.cat([above, at])).values.to(torch.int32)
+    return out if batched else out[0]
+
+
+def principal_weights(
+    W: Tensor,
+    k: int,
+    lra_rank: int,
+    svd: str = "fast",
+    largest: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sorted int32 flat indices of the k largest |W'| entries, W' the rank-``lra_rank`` approximation."""
+    if svd not in SVD_MODES:
+        raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
+    if svd == "exact":
+        L, R = exact_lowrank(W, lra_rank)
+    else:
+        L, R = fast_lowrank(W, lra_rank, generator=generator)
+    return topk_flat_indices((L @ R).abs_(), k, largest)
+
+
+def select_indices(
+    W: Tensor,
+    k: int,
+    *,
+    selector: str,
+    lra_rank: int,
+    svd: str,
+    largest: bool,
+    grad: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Indices for one weight (or a batch of same-shaped weights) under any selector."""
+    if selector == "lift":
+        return principal_weights(W, k, lra_rank, svd, largest, generator)
+    if selector == "magnitude":
+        return topk_flat_indices(W.abs(), k, largest)
+    if selector == "gradient":
+        if grad is None:
+            raise ValueError("selector='gradient' needs the dense gradient of the selecting step")
+        return topk_flat_indices(grad.abs(), k, largest)
+    if selector == "random":
+        scores = torch.rand(W.shape, generator=generator, device="cpu").to(W.device)
+        return topk_flat_indices(scores, k, True)
+    raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")

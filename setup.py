@@ -1,0 +1,61 @@
+"""Builds lift_kernels and its extension lift_kernels._C (torch.utils.cpp_extension, ninja).
+
+Switches (environment):
+  LIFT_NO_NATIVE=1  skip the native build entirely (pure Python: reference + Triton ops)
+  LIFT_NO_CUDA=1    build only the CPU kernels even where torch has CUDA and nvcc is found
+  TORCH_CUDA_ARCH_LIST  as usual for torch extensions (e.g. "9.0" for the H100)
+Build with `pip install --no-build-isolation .` after installing torch, so the extension is compiled
+against the torch that will load it.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def native_extensions():
+    if os.environ.get("LIFT_NO_NATIVE", "0") == "1":
+        print("lift_kernels: LIFT_NO_NATIVE=1, skipping the native extension")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17"]
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                 and os.environ.get("LIFT_NO_CUDA", "0") != "1")
+    if with_cuda:
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+        ext = CUDAExtension("lift_kernels._C", sources, define_macros=[("LIFT_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    else:
+        print("lift_kernels: building the CPU kernels only "
+              f"(torch CUDA: {torch.version.cuda}, CUDA_HOME: {CUDA_HOME})")
+        ext = CppExtension("lift_kernels._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="lift_kernels",
+    version="0.1.0",
+    description="LIFT (Low-rank Informed Sparse Fine-Tuning) as a fast drop-in torch optimizer",
+    python_requires=">=3.10",
+    packages=["lift_kernels", "lift_kernels.reference", "lift_kernels.optim", "lift_kernels.triton_kernels"],
+    # The top-level triton/ folder is installed as lift_kernels.triton_kernels; it has no
+    # __init__.py so that running Python from the repository root never shadows the real triton.
+    package_dir={"lift_kernels.triton_kernels": "triton"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    extras_require={
+        "triton": ["triton==3.6.0"],
+        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors"],
+    },
+)
