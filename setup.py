@@ -10,7 +10,7 @@ against the torch that will load it.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +47,7 @@ setup(
     version="0.1.0",
     description="LIFT (Low-rank Informed Sparse Fine-Tuning) as a fast drop-in torch optimizer",
     python_requires=">=3.10",
-    packages=["lift_kernels", "lift_kernels.reference", "lift_kernels.optim", "lift_kernels.triton_kernels"],
+    packages=find_packages(include=["lift_kernels", "lift_kernels.*"]) + ["lift_kernels.triton_kernels"],
     # The top-level triton/ folder is installed as lift_kernels.triton_kernels; it has no
     # __init__.py so that running Python from the repository root never shadows the real triton.
     package_dir={"lift_kernels.triton_kernels": "triton"},

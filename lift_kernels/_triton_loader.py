@@ -35,8 +35,9 @@ def load_kernel_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(full)
     except ModuleNotFoundError:
-        src = Path(__file__).resolve().parent.parent / "triton" / f"{name}.py"
-        if not src.exists():
+        checkout = Path(__file__).resolve().parent.parent
+        src = checkout / "triton" / f"{name}.py"
+        if not (checkout / "setup.py").exists() or not src.exists():
             raise
         spec = importlib.util.spec_from_file_location(full, src)
         module = importlib.util.module_from_spec(spec)
