@@ -14,6 +14,7 @@ if os.environ.get("LIFT_NO_NATIVE", "0") == "1":
 else:
     try:
         from . import _C as EXT  # noqa: N811  (registers the torch.ops.lift_kernels ops)
+        from . import _fake_impls  # noqa: F401
     except ImportError as exc:  # not built, or built against another torch
         EXT_ERROR = f"lift_kernels._C could not be loaded ({exc})"
         warnings.warn(

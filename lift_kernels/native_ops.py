@@ -1,15 +1,13 @@
 """The ``cuda`` backend: Python signatures of the reference ops over torch.ops.lift_kernels.
 
 The compiled extension lift_kernels._C registers the op schemas (csrc/ops.cpp) and its CPU and CUDA
-kernels; this module adapts arguments and registers the fake (meta) implementations that
-torch.compile needs.
+kernels; this module adapts arguments. Fake implementations live in _fake_impls.py.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _ext
 
 
 def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
@@ -23,12 +21,3 @@ def principal_weights(W: Tensor, k: int, lra_rank: int, svd: str = "fast", large
     idx = torch.ops.lift_kernels.principal_weights(batch, k, lra_rank, largest, seed)
     return idx if W.dim() == 3 else idx[0]
 
-
-if _ext.EXT is not None:
-    @torch.library.register_fake("lift_kernels::remap_state")
-    def _remap_state_fake(old_idx, new_idx, states):
-        return [s.new_empty(new_idx.shape) for s in states]
-
-    @torch.library.register_fake("lift_kernels::principal_weights")
-    def _principal_weights_fake(W, k, lra_rank, largest, seed):
-        return W.new_empty((W.shape[0], k), dtype=torch.int32)

@@ -1,0 +1,15 @@
+"""Fake (meta) implementations of the native ops, so torch.compile and FakeTensor can trace them.
+
+Imported by _ext.py right after lift_kernels._C has registered the op schemas.
+"""
+import torch
+
+
+@torch.library.register_fake("lift_kernels::remap_state")
+def _remap_state_fake(old_idx, new_idx, states):
+    return [s.new_empty(new_idx.shape) for s in states]
+
+
+@torch.library.register_fake("lift_kernels::principal_weights")
+def _principal_weights_fake(W, k, lra_rank, largest, seed):
+    return W.new_empty((W.shape[0], k), dtype=torch.int32)

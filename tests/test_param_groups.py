@@ -1,0 +1,73 @@
+"""lift_param_groups: which weights LIFT trains in a model."""
+import pytest
+import torch
+from torch import nn
+
+import lift_kernels as lk
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.down_proj = nn.Linear(16, 8, bias=True)
+        self.norm = nn.LayerNorm(8)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(8, 10, bias=False)
+
+
+def names(group):
+    return group["param_names"]
+
+
+def test_default_is_every_linear_but_lm_head_and_freezes_the_rest():
+    model = Tiny()
+    groups = lk.lift_param_groups(model)
+    assert len(groups) == 1 and groups[0]["lift"] is True
+    assert names(groups[0]) == ["layers.0.q_proj.weight", "layers.0.mlp.down_proj.weight",
+                                "layers.1.q_proj.weight", "layers.1.mlp.down_proj.weight"]
+    assert not model.lm_head.weight.requires_grad and not model.embed.weight.requires_grad
+    assert not model.layers[0].mlp.down_proj.bias.requires_grad
+    assert model.layers[0].q_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("targets,expected", [
+    (["q_proj"], ["layers.0.q_proj.weight", "layers.1.q_proj.weight"]),
+    ("mlp", ["layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight"]),
+    (["mlp.down_proj", "lm_head"], ["layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight",
+                                    "lm_head.weight"]),
+])
+def test_target_modules(targets, expected):
+    assert names(lk.lift_param_groups(Tiny(), target_modules=targets)[0]) == expected
+
+
+def test_train_other_puts_the_rest_in_a_dense_group():
+    model = Tiny()
+    groups = lk.lift_param_groups(model, target_modules=["q_proj"], train_other=True)
+    assert groups[1]["lift"] is False
+    assert "embed.weight" in names(groups[1]) and "layers.0.norm.weight" in names(groups[1])
+    opt = lk.LIFTAdamW(groups, rank=1, lra_rank=2)
+    model.embed.weight.grad = torch.randn_like(model.embed.weight)
+    model.layers[0].mlp.down_proj.weight.grad = torch.randn(8, 16)
+    opt.step()  # the 2-D embedding and down_proj in the dense group are trained densely
+    assert opt.state[model.embed.weight]["exp_avg"].shape == model.embed.weight.shape
+
+
+def test_no_match_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"target_modules=\['o_proj'\] matched no trainable nn.Linear"):
+        lk.lift_param_groups(Tiny(), target_modules=["o_proj"])
+
+
+def test_tied_weights_are_counted_once():
+    model = Tiny()
+    model.layers[1].q_proj.weight = model.layers[0].q_proj.weight
+    groups = lk.lift_param_groups(model, train_other=True)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
