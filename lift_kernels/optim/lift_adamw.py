@@ -1,8 +1,6 @@
 """LIFTAdamW: AdamW that trains only each matrix's principal weights (Algorithm 1 of the paper)."""
 from __future__ import annotations
 
-import copy
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -11,42 +9,51 @@ from torch import Tensor
 from torch.optim.adamw import adamw as dense_adamw
 
 from .. import ops
-from ..reference.select import select_indices
-from .validation import budget, check_hyperparameters, check_lift_param
-
-# Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
-# (at least one matrix) so a refresh never doubles the memory of the weights.
-_SELECT_BUCKET_BYTES = 1 << 28
+from .checkpoint import load_lift_state_dict
+from .selection import needs_selection, select_group, selection_generator, uses_master
+from .validation import check_hyperparameters, check_lift_param
 
 
 class LIFTAdamW(torch.optim.Optimizer):
     """AdamW over the principal weights of every LIFT matrix, dense AdamW over everything else.
 
     A LIFT weight keeps in its state the sorted int32 flat indices ``idx`` of its k selected entries
-    and length-k fp32 moments ``exp_avg``/``exp_avg_sq``; nothing of size m*n. Restricted to those
-    entries, a step is exactly torch.optim.AdamW's. The selection is made before step 1 and
-    re-made before every step t with ``t % update_interval == 0``; entries selected before and after
-    keep their moments, new ones start at zero, and bias correction keeps the global step t.
+    and length-k fp32 moments ``exp_avg``/``exp_avg_sq`` (and ``master``, the fp32 values of those
+    entries, for half-precision weights); nothing of size m*n. Restricted to those entries, a step
+    is exactly torch.optim.AdamW's. The selection is made before step 1 and re-made before every
+    step t with ``t % update_interval == 0``; entries selected before and after keep their moments,
+    new ones start at zero, and bias correction keeps the global step t.
 
     Group options (each may be set per group): ``lift`` (True: every tensor is a LIFT weight and
     must be 2-D; False: dense AdamW; None, the default: 2-D tensors are LIFT weights), ``rank``
     (budget k = min((m+n)*rank, m*n), as LoRA of that rank), ``density`` (k = round(density*m*n),
     overrides rank), ``lra_rank`` (rank of the low-rank filter), ``update_interval``, ``selector``
-    ("lift", or the ablations "magnitude", "random", "gradient"), ``svd`` ("fast" or "exact") and
-    ``largest`` (False selects the smallest entries). ``seed`` seeds the randomized SVD and the
-    random selector; each selection's stream is derived from (seed, parameter, step), so resuming
-    from a checkpoint reproduces the selections of an uninterrupted run.
+    ("lift", or the ablations "magnitude", "random", "gradient"), ``svd`` ("fast" or "exact"),
+    ``largest`` (False selects the smallest entries) and ``master_weights`` (None: fp32 masters of
+    the selected entries for bf16/fp16 weights, so small updates are not rounded away).
+
+    ``sparse_grad=True`` gathers each LIFT weight's gradient at its selected entries in a
+    post-accumulate-grad hook and frees the dense gradient at once, so a backward pass holds about
+    one weight matrix of dense gradient. Micro-batch accumulation sums the gathered gradients
+    (same trajectory as dense mode). A step whose selector needs the dense gradient ("gradient" on
+    a selecting step) keeps it for that step. ``seed`` seeds the randomized SVD and the random
+    selector per (seed, weight, step), so a resumed run makes the same selections.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  rank: int = 128, density: float | None = None, lra_rank: int = 64,
                  update_interval: int = 400, selector: str = "lift", svd: str = "fast",
-                 largest: bool = True, seed: int = 0):
+                 largest: bool = True, seed: int = 0, sparse_grad: bool = False,
+                 master_weights: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
-                        selector=selector, svd=svd, largest=largest, lift=None)
+                        selector=selector, svd=svd, largest=largest, lift=None,
+                        master_weights=master_weights)
         self.seed = int(seed)
+        self.sparse_grad = bool(sparse_grad)
+        self._sparse_grads: dict[Tensor, Tensor] = {}  # gathered fp32 gradients, until step()
+        self._hooks = []
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
@@ -59,6 +66,14 @@ class LIFTAdamW(torch.optim.Optimizer):
         for i, (p, name) in enumerate(zip(group["params"], names)):
             if self._is_lift(group, p):
                 check_lift_param(p, name or f"param_groups[{gi}]['params'][{i}]", group)
+                if self.sparse_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad_hook))
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then hands the scale to step() instead of unscaling p.grad itself, which lets
+        # step() refuse sparse-gradient mode, whose gathered gradients GradScaler cannot see.
+        return self.sparse_grad
 
     @staticmethod
     def _is_lift(group: dict, p: Tensor) -> bool:
@@ -67,9 +82,81 @@ class LIFTAdamW(torch.optim.Optimizer):
     def lift_parameters(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if self._is_lift(g, p)]
 
+    def _group_of(self, p: Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    # ----------------------------------------------------------------------------- gradients
+    def _has_grad(self, p: Tensor) -> bool:
+        return p.grad is not None or p in self._sparse_grads
+
+    @torch.no_grad()
+    def _gather_grad_hook(self, p: Tensor) -> None:
+        """Sparse-grad mode: keep grad[idx] in fp32 and free the dense gradient right away."""
+        group = self._group_of(p)
+        state = self.state[p]
+        t = state.get("step", 0) + 1
+        if needs_selection(state, group, t):
+            if group["selector"] == "gradient":
+                return  # this step selects by |grad|: step() needs the whole accumulated gradient
+            # Selection depends only on the weights, which stay as they are until step(): select
+            # every due weight of the group now, batched, exactly as step() would.
+            self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
+        if p.grad is None:
+            return
+        g = p.grad.view(-1).index_select(0, state["idx"].long()).float()
+        buf = self._sparse_grads.get(p)
+        self._sparse_grads[p] = g if buf is None else buf.add_(g)
+        p.grad = None
+
+    def _applied_grad(self, p: Tensor) -> Tensor:
+        """The gradient the step applies: gathered (sparse mode) or the dense one."""
+        return self._sparse_grads[p] if p in self._sparse_grads else p.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._sparse_grads.clear()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> Tensor:
+        """Clip, like torch.nn.utils.clip_grad_norm_, the gradient this optimizer is about to apply.
+
+        The norm is taken over the selected entries of every LIFT weight (gathered or dense) and all
+        entries of dense parameters, so it is the same in sparse- and dense-gradient mode; with
+        density=1 it equals torch's clip_grad_norm_ over all gradients. Weights due for selection are
+        selected first (with the same result step() would get). Returns the total norm.
+        """
+        parts, scaled = [], []
+        for group in self.param_groups:
+            lift = [p for p in group["params"] if self._is_lift(group, p) and self._has_grad(p)]
+            self._select_due(group, lift)
+            for p in group["params"]:
+                if not self._has_grad(p):
+                    continue
+                g = self._applied_grad(p)
+                if self._is_lift(group, p) and g.shape == p.shape:
+                    parts.append(g.view(-1).index_select(0, self.state[p]["idx"].long()))
+                else:
+                    parts.append(g)
+                scaled.append(g)
+        if not parts:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in parts]
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in scaled:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
     # ----------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise NotImplementedError(
+                "fp16 GradScaler cannot unscale or inf-check the gradients that sparse_grad=True "
+                "gathers; use bf16 autocast (no scaler needed) or LIFTAdamW(..., sparse_grad=False)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -77,15 +164,16 @@ class LIFTAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lift, dense = [], []
             for p in group["params"]:
-                if p.grad is None:
+                if not self._has_grad(p):
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("LIFTAdamW does not take torch.sparse gradients")
                 (lift if self._is_lift(group, p) else dense).append(p)
             if dense:
                 self._dense_step(group, dense)
             if lift:
                 self._lift_step(group, lift)
+        self._sparse_grads.clear()
         return loss
 
     def _dense_step(self, group: dict, params: list[Tensor]) -> None:
@@ -104,70 +192,47 @@ class LIFTAdamW(torch.optim.Optimizer):
                     beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=False)
 
-    def _lift_step(self, group: dict, params: list[Tensor]) -> None:
-        to_select = []
+    def _select_due(self, group: dict, params: list[Tensor]) -> None:
+        """Select the weights of ``params`` that are due before their next step."""
+        due = []
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["shape"] = tuple(p.shape)
-            state["step"] += 1
-            if "idx" not in state or state["step"] % group["update_interval"] == 0:
-                to_select.append(p)
-        if to_select:
-            self._select(group, to_select)
+            if needs_selection(state, group, state["step"] + 1):
+                due.append(p)
+        by_step = defaultdict(list)
+        for p in due:
+            by_step[self.state[p]["step"] + 1].append(p)
+        if by_step:
+            positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
+            grads = {p: p.grad for p in due} if group["selector"] == "gradient" else None
+            if grads is not None and any(g is None for g in grads.values()):
+                raise RuntimeError("selector='gradient' needs the dense gradient of the selecting step")
+            for t, ps in by_step.items():
+                select_group(group, ps, t, positions, self.seed, self.state, grads)
+
+    def _lift_step(self, group: dict, params: list[Tensor]) -> None:
+        self._select_due(group, params)
         beta1, beta2 = group["betas"]
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
-            buckets[(p.device, p.dtype, self.state[p]["step"])].append(p)
-        for (_, _, step), ps in buckets.items():
+            state = self.state[p]
+            state["step"] += 1
+            g = self._applied_grad(p)
+            buckets[(p.device, p.dtype, state["step"], "master" in state, g.shape == p.shape)].append(p)
+        for (_, _, step, has_master, _), ps in buckets.items():
             states = [self.state[p] for p in ps]
             ops.sparse_adamw_step(
-                ps, [p.grad for p in ps], [s["idx"] for s in states], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states], None, step=step, lr=float(group["lr"]),
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                ps, [self._applied_grad(p) for p in ps], [s["idx"] for s in states],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["master"] for s in states] if has_master else None, step=step,
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"])
 
-    # ----------------------------------------------------------------------------- selection
     def _generator(self, position: int, step: int) -> torch.Generator:
-        """A generator seeded by (seed, position of the weight in the optimizer, step): resume-safe."""
-        key = f"{self.seed}:{position}:{step}".encode()
-        return torch.Generator().manual_seed(zlib.crc32(key))
-
-    def _select(self, group: dict, params: list[Tensor]) -> None:
-        """(Re)select the entries of ``params``, batching matrices of one shape and dtype."""
-        positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
-        by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            by_shape[(p.shape, p.dtype, p.device)].append(p)
-        for (shape, dtype, _), ps in by_shape.items():
-            k = budget(shape, group["rank"], group["density"])
-            per_batch = max(1, _SELECT_BUCKET_BYTES // (ps[0].numel() * ps[0].element_size()))
-            for start in range(0, len(ps), per_batch):
-                chunk = ps[start:start + per_batch]
-                W = chunk[0] if len(chunk) == 1 else torch.stack(chunk)
-                grad = None
-                if group["selector"] == "gradient":
-                    grad = chunk[0].grad if len(chunk) == 1 else torch.stack([p.grad for p in chunk])
-                gen = self._generator(positions[id(chunk[0])], self.state[chunk[0]]["step"])
-                if group["selector"] == "lift":
-                    idx = ops.principal_weights(W, k, group["lra_rank"], group["svd"], group["largest"], gen)
-                else:
-                    idx = select_indices(W, k, selector=group["selector"], lra_rank=group["lra_rank"],
-                                         svd=group["svd"], largest=group["largest"], grad=grad, generator=gen)
-                idx = idx.reshape(len(chunk), k)
-                for p, new_idx in zip(chunk, idx):
-                    self._install_selection(p, new_idx.contiguous())
-
-    def _install_selection(self, p: Tensor, new_idx: Tensor) -> None:
-        state = self.state[p]
-        old_idx = state.get("idx")
-        if old_idx is None:
-            zeros = torch.zeros(new_idx.numel(), dtype=torch.float32, device=p.device)
-            state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-        else:
-            state["exp_avg"], state["exp_avg_sq"] = ops.remap_state(
-                old_idx, new_idx, [state["exp_avg"], state["exp_avg_sq"]])
-        state["idx"] = new_idx
+        return selection_generator(self.seed, position, step)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -176,30 +241,10 @@ class LIFTAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint; LIFT state keeps its dtypes (fp32 moments, int32 indices).
+        """Load a checkpoint; LIFT state keeps its dtypes (fp32 moments and masters, int32 indices).
 
-        Everything is checked against this optimizer's parameters before anything is changed, so a
+        Everything is checked against this optimizer's parameters before anything changes, so a
         checkpoint of another model raises and leaves the optimizer as it was.
         """
-        saved_state = state_dict["state"]
-        lift_entries = {}
-        for gi, (saved_group, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                s = saved_state.get(pid)
-                if s is None or "idx" not in s:
-                    continue
-                where = f"param_groups[{gi}] parameter {pid}"
-                if tuple(s["shape"]) != tuple(p.shape):
-                    raise ValueError(f"checkpoint mismatch at {where}: the saved LIFT state is for a "
-                                     f"{tuple(s['shape'])} weight, this parameter is {tuple(p.shape)}; "
-                                     "load a checkpoint of this model")
-                k = s["idx"].numel()
-                if s["exp_avg"].numel() != k or s["exp_avg_sq"].numel() != k or (
-                        k and int(s["idx"].max()) >= p.numel()):
-                    raise ValueError(f"checkpoint at {where} is corrupt: indices and moments disagree")
-                lift_entries[pid] = (p, s)
-        super().load_state_dict(state_dict)  # validates group and parameter counts
-        for p, s in lift_entries.values():
-            self.state[p] = {key: (v.to(p.device) if isinstance(v, Tensor) else copy.copy(v))
-                             for key, v in s.items()}
+        load_lift_state_dict(self, state_dict, super().load_state_dict)
         self.seed = int(state_dict.get("lift_seed", self.seed))
