@@ -38,6 +38,20 @@ _TABLE_CACHE_SIZE = 64
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``dtype``, as torch rounds. bf16 is rounded with
+    integer ops: Triton 3.6's interpreter truncates fp32 -> bf16 casts (and its "rtne" mode rounds
+    half up without carrying), so a plain cast would be tested with other rounding than the GPU's."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, j, k, flags,
                     decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
                     MASKED: tl.constexpr, BLOCK: tl.constexpr):
@@ -73,7 +87,7 @@ def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, m
     tl.store(exp_avg_sq_ptr + j, v, mask=mask)
     if has_master:
         tl.store(master_ptr + j, w, mask=mask)
-    tl.store(param_ptr + idx, w.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + idx, _round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
