@@ -139,8 +139,8 @@ def _offsets(addresses: list[int], elem_size: int) -> list[int]:
 def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, int, bool]:
     """(device table, number of blocks, whether the length-k streams are 16-byte aligned) for
     weights given as (param, grad, idx, exp_avg, exp_avg_sq, master-or-None, flags); cached by
-    addresses and sizes, since the table is a function of them alone."""
-    key = (device, tuple((p.data_ptr(), g.data_ptr(), i.data_ptr(), m.data_ptr(), v.data_ptr(),
+    addresses, sizes and BLOCK, since the table is a function of them alone."""
+    key = (device, BLOCK, tuple((p.data_ptr(), g.data_ptr(), i.data_ptr(), m.data_ptr(), v.data_ptr(),
                           0 if ms is None else ms.data_ptr(), i.numel(), f)
                          for p, g, i, m, v, ms, f in weights))
     hit = _tables.get(key)
