@@ -167,9 +167,9 @@ def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> t
                  idxs[w].numel(), first_block, flags[w]]
         first_block += nb
     host = torch.tensor(block_rows + rows, dtype=torch.int64)
-    if device.type == "cuda":
+    if device.type != "cpu":
+        # From pinned memory the copy is asynchronous: no host sync even when the table is new.
         host = host.pin_memory()
-    # From pinned memory the copy is asynchronous: no host sync even when the table is new.
     hit = _tables[key] = (host.to(device, non_blocking=True), n_blocks, aligned)
     if len(_tables) > _TABLE_CACHE_SIZE:
         _tables.popitem(last=False)
