@@ -1,0 +1,193 @@
+"""The Triton sparse AdamW step against the reference op (on CPU under TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lift_kernels as lk
+from lift_kernels import backend
+from lift_kernels._triton_loader import load_kernel_module
+from lift_kernels.reference import sparse_adamw_step as reference_step
+from sm90_compile import compile_facts
+
+kernels = load_kernel_module("sparse_adamw_step")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (shape, k): odd sizes, a single entry, a weight with nothing selected, more than four blocks
+SHAPES = [((123, 77), 2000), ((5, 7), 1), ((40, 40), 0), ((64, 100), 4097), ((1, 3), 3), ((77, 123), 1025)]
+# (step, lr) of consecutive calls: lr and step change from call to call, as under a scheduler
+CALLS = [(1, 1e-2), (2, 3e-3), (9, 2e-2)]
+HP = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def _case(dtype, gathered: bool, masters: bool, shapes=SHAPES):
+    """Fresh random weights, sorted int32 indices, moments and (optionally) fp32 master copies."""
+    case = {"params": [], "idxs": [], "exp_avgs": [], "exp_avg_sqs": [], "masters": []}
+    for shape, k in shapes:
+        p = torch.randn(shape, device=DEVICE).to(dtype)
+        idx = torch.randperm(p.numel(), device=DEVICE)[:k].sort().values.to(torch.int32)
+        case["params"].append(p)
+        case["idxs"].append(idx)
+        case["exp_avgs"].append(0.01 * torch.randn(k, device=DEVICE))
+        case["exp_avg_sqs"].append(1e-4 * torch.rand(k, device=DEVICE))
+        case["masters"].append(p.view(-1)[idx.long()].float() if masters else None)
+    case["grads"] = [_grads(case, dtype, gathered) for _ in CALLS]
+    return case
+
+
+def _grads(case, dtype, gathered: bool):
+    grads = [torch.randn(p.shape, device=DEVICE).to(dtype) for p in case["params"]]
+    return [g.view(-1)[i.long()].clone() for g, i in zip(grads, case["idxs"])] if gathered else grads
+
+
+def _run(step_fn, case, cast=None):
+    """Runs CALLS on a copy of ``case`` (cast to ``cast`` first if given) and returns it."""
+    def copy(t):
+        return None if t is None else t.clone() if cast is None else t.to(cast)
+    state = {key: [copy(t) for t in case[key]] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
+    state["idxs"] = [i.to(torch.int32) for i in state["idxs"]]
+    if cast is not None:  # the oracle: all arithmetic in fp64, through a master copy of every weight
+        state["masters"] = [p.view(-1)[i.long()].clone() for p, i in zip(state["params"], state["idxs"])]
+    else:
+        state["masters"] = [copy(t) for t in case["masters"]]
+    has_masters = any(m is not None for m in state["masters"])
+    for (step, lr), grads in zip(CALLS, case["grads"]):
+        step_fn(state["params"], [copy(g) for g in grads], state["idxs"], state["exp_avgs"],
+                state["exp_avg_sqs"], state["masters"] if has_masters or cast else None,
+                step=step, lr=lr, **HP)
+    return state
+
+
+def _fp64_step(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, *, step, lr, beta1, beta2, eps,
+               weight_decay):
+    """AdamW on the selected entries with fp64 tensors throughout (the accuracy oracle)."""
+    for p, g, idx, m, v, w in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters):
+        g = g.reshape(-1)[idx.long()] if g.shape == p.shape else g
+        w.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        w.sub_(lr / (1 - beta1**step) * m / (v.sqrt() / (1 - beta2**step) ** 0.5 + eps))
+        p.view(-1)[idx.long()] = w
+
+
+def _updated(state):
+    return [t for key in ("params", "exp_avgs", "exp_avg_sqs", "masters")
+            for t in state.get(key, ()) if t is not None]
+
+
+@pytest.mark.parametrize("masters", [False, True], ids=["no_master", "master"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
+def test_fp32_matches_reference(gathered, masters):
+    case = _case(torch.float32, gathered, masters)
+    got, want = _run(kernels.sparse_adamw_step, case), _run(reference_step, case)
+    for g, w in zip(_updated(got), _updated(want)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("masters", [False, True], ids=["no_master", "master"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_at_most_twice_torch(dtype, gathered, masters):
+    """bf16/fp16 weights: the kernel's error against fp64 is at most twice that of the reference
+    op run in the same dtype, for every updated tensor (plus fp32-level slack, for the fp32 moments
+    whose torch error can be zero by luck)."""
+    case = _case(dtype, gathered, masters)
+    got, torch_same = _run(kernels.sparse_adamw_step, case), _run(reference_step, case)
+    oracle = _run(_fp64_step, case, cast=torch.float64)
+    # zip stops before the oracle's own masters when the case has none
+    for g, t, o in zip(_updated(got), _updated(torch_same), _updated(oracle)):
+        if o.numel() == 0:
+            continue
+        err_kernel = (g.double() - o).abs().max().item()
+        err_torch = (t.double() - o).abs().max().item()
+        slack = 1e-6 * o.abs().max().item()
+        assert err_kernel <= 2 * err_torch + slack, (g.dtype, tuple(g.shape), err_kernel, err_torch)
+
+
+def test_weights_of_several_dtypes_in_one_call():
+    """One launch per (weight dtype, grad dtype) pair, all in one call, non-contiguous grads too;
+    beta1 < 0.5 takes torch.lerp's other formula."""
+    shapes = [((33, 65), 400), ((9, 4), 0)]
+    cases = [_case(dtype, False, False, shapes) for dtype in (torch.float32, torch.bfloat16)]
+    merged = {key: cases[0][key] + cases[1][key] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
+    grads = [g.t().contiguous().t() for g in cases[0]["grads"][0] + cases[1]["grads"][0]]
+    assert not grads[0].is_contiguous()
+    results = []
+    for fn in (kernels.sparse_adamw_step, reference_step):
+        state = {key: [t.clone() for t in ts] for key, ts in merged.items()}
+        fn(state["params"], grads, state["idxs"], state["exp_avgs"], state["exp_avg_sqs"], step=4, lr=1e-2,
+           **{**HP, "beta1": 0.3})
+        results.append(state)
+    for g, w in zip(_updated(results[0]), _updated(results[1])):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_pointer_table_is_built_once_per_set_of_tensors():
+    case = _case(torch.float32, False, True, SHAPES[:2])
+    args = [case[key] for key in ("params", "grads", "idxs", "exp_avgs", "exp_avg_sqs")]
+    args[1] = args[1][0]
+    kernels._tables.clear()
+    for step, lr in CALLS:  # new lr and step every call: same table
+        kernels.sparse_adamw_step(*args, case["masters"], step=step, lr=lr, **HP)
+    assert len(kernels._tables) == 1
+    table = next(iter(kernels._tables.values()))[0]
+    kernels.sparse_adamw_step(*args, case["masters"], step=5, lr=1e-3, **HP)
+    assert next(iter(kernels._tables.values()))[0] is table
+    kernels.sparse_adamw_step(*args, None, step=5, lr=1e-3, **HP)  # other tensors: another table
+    assert len(kernels._tables) == 2
+
+
+def test_hyperparameters_are_runtime_arguments_of_the_h100_kernel():
+    """Compiled for sm_90: lr, betas, eps, weight decay and the bias corrections arrive as seven fp32
+    kernel parameters (never constexpr, so a new lr does not recompile), and the length-k streams
+    of full blocks use 16-byte vector accesses."""
+    facts = compile_facts("sparse_adamw_step")
+    assert facts["constexpr_args"] == ["ALIGNED", "BLOCK"]
+    assert facts["param_types"].count("f32") == 7
+    vector_ops = sum(n for op, n in facts["memory_ops"].items() if ".v4." in op)
+    assert vector_ops >= 2 * 3 * 2, facts["memory_ops"]  # idx, m, v loads and m, v stores, 2 per thread
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+def test_changing_lr_and_step_does_not_recompile_on_gpu():
+    case = _case(torch.bfloat16, False, True, SHAPES[:3])
+    args = [case[key] for key in ("params", "grads", "idxs", "exp_avgs", "exp_avg_sqs")]
+    args[1] = args[1][0]
+    cache = kernels._sparse_adamw_kernel.device_caches[torch.cuda.current_device()][0]
+    kernels.sparse_adamw_step(*args, case["masters"], step=1, lr=1e-3, **HP)
+    compiled = len(cache)
+    for step in range(2, 12):
+        kernels.sparse_adamw_step(*args, case["masters"], step=step, lr=1e-3 / step, beta1=0.8 + step / 100,
+                                  beta2=0.99, eps=1e-6 * step, weight_decay=0.01 * step)
+    assert len(cache) == compiled
+
+
+def test_registered_op_declares_its_mutations():
+    case = _case(torch.bfloat16, False, True, SHAPES[:2])
+    args = (case["params"], case["grads"][0], case["idxs"], case["exp_avgs"], case["exp_avg_sqs"],
+            case["masters"], 3, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+    torch.library.opcheck(torch.ops.lift_kernels.triton_sparse_adamw_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs_raise_clear_errors():
+    case = _case(torch.float32, False, False, SHAPES[:1])
+    args = [case[key] for key in ("params", "grads", "idxs", "exp_avgs", "exp_avg_sqs")]
+    args[1] = args[1][0]
+    with pytest.raises(ValueError, match="exp_avg must be a contiguous fp32 vector"):
+        kernels.sparse_adamw_step(*args[:3], [m.double() for m in args[3]], args[4], step=1, lr=1e-3, **HP)
+    with pytest.raises(ValueError, match="grad must have the weight's shape"):
+        kernels.sparse_adamw_step(args[0], [g[:5] for g in args[1]], *args[2:], step=1, lr=1e-3, **HP)
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("LIFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend._CACHE.clear()
+    case = _case(torch.float32, False, False, SHAPES[:1])
+    cpu = {key: [t.cpu() for t in case[key]] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
+    try:
+        with pytest.raises(backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            lk.sparse_adamw_step(cpu["params"], [g.cpu() for g in case["grads"][0]], cpu["idxs"],
+                                 cpu["exp_avgs"], cpu["exp_avg_sqs"], step=1, lr=1e-3, **HP)
+    finally:
+        backend._CACHE.clear()

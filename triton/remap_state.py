@@ -1,0 +1,96 @@
+"""Carry per-entry optimizer state across a re-selection (Triton), without any m*n temporary.
+
+Each program takes BLOCK consecutive new indices. Because both index vectors are sorted, the old
+indices that can match them form one contiguous run, found by two scalar binary searches; each
+new index is then looked up by a vector binary search within that run, which is about BLOCK long
+when the selection changes little and stays in L1. All states of a weight (up to MAX_STATES per
+launch) are carried by the same launch, so the search is done once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+NUM_WARPS = 4
+MAX_STATES = 4  # state slots per launch; m, v and a master copy need three
+
+
+@triton.jit
+def _lower_bound(sorted_ptr, lo, n, x):
+    """First position p in [lo, lo + n) with sorted[p] >= x, or lo + n; x a scalar or a tensor.
+
+    Branch-free: the search length depends only on n, so every lane takes the same steps."""
+    base = lo + x * 0
+    length = n
+    while length > 1:
+        half = length // 2
+        base = tl.where(tl.load(sorted_ptr + base + half).to(tl.int64) < x, base + half, base)
+        length -= half
+    last = tl.load(sorted_ptr + base, mask=length > 0, other=0).to(tl.int64)
+    return tl.where((length > 0) & (last < x), base + 1, base)
+
+
+@triton.jit
+def _carry(src_ptr, dst_ptr, j, pos, hit, mask):
+    tl.store(dst_ptr + j, tl.load(src_ptr + pos, mask=hit, other=0), mask=mask)
+
+
+@triton.jit(do_not_specialize=["k_old", "k_new"])
+def _remap_kernel(old_idx_ptr, new_idx_ptr, k_old, k_new, src0, dst0, src1, dst1, src2, dst2, src3, dst3,
+                  NUM_STATES: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    j = start + tl.arange(0, BLOCK)
+    mask = j < k_new
+    x = tl.load(new_idx_ptr + j, mask=mask, other=0).to(tl.int64)
+    first = tl.load(new_idx_ptr + start).to(tl.int64)
+    last = tl.load(new_idx_ptr + tl.minimum(start + BLOCK, k_new) - 1).to(tl.int64)
+    lo = _lower_bound(old_idx_ptr, 0, k_old, first)
+    hi = _lower_bound(old_idx_ptr, lo, k_old - lo, last + 1)
+    pos = _lower_bound(old_idx_ptr, lo, hi - lo, x)
+    in_run = mask & (pos < hi)
+    hit = in_run & (tl.load(old_idx_ptr + pos, mask=in_run, other=0).to(tl.int64) == x)
+    _carry(src0, dst0, j, pos, hit, mask)
+    if NUM_STATES > 1:
+        _carry(src1, dst1, j, pos, hit, mask)
+    if NUM_STATES > 2:
+        _carry(src2, dst2, j, pos, hit, mask)
+    if NUM_STATES > 3:
+        _carry(src3, dst3, j, pos, hit, mask)
+
+
+def _launch(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
+    k_old, k_new = old_idx.numel(), new_idx.numel()
+    for s in states:
+        if s.numel() != k_old:
+            raise ValueError(f"every state must have one value per old index ({k_old}), got {tuple(s.shape)}")
+    if k_old == 0 or k_new == 0:
+        return [torch.zeros(k_new, dtype=s.dtype, device=s.device) for s in states]
+    old_idx, new_idx = old_idx.contiguous(), new_idx.contiguous()
+    states = [s.contiguous() for s in states]
+    out = [torch.empty(k_new, dtype=s.dtype, device=s.device) for s in states]
+    for first in range(0, len(states), MAX_STATES):
+        src, dst = states[first:first + MAX_STATES], out[first:first + MAX_STATES]
+        pairs = [t for pair in zip(src, dst) for t in pair]
+        pairs += pairs[:2] * (MAX_STATES - len(src))  # unused slots: never touched
+        _remap_kernel[(triton.cdiv(k_new, BLOCK),)](old_idx, new_idx, k_old, k_new, *pairs,
+                                                     NUM_STATES=len(src), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+# Registered as a torch op so that torch.compile sees an opaque call; no synchronisation added.
+_OP = "triton_remap_state"
+_lib = torch.library.Library("lift_kernels", "FRAGMENT")
+_lib.define(f"{_OP}(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[]")
+_lib.impl(_OP, _launch, "CompositeExplicitAutograd")
+torch.library.register_fake(f"lift_kernels::{_OP}", lambda old_idx, new_idx, states: [
+    s.new_empty(new_idx.numel()) for s in states], lib=_lib)
+
+
+def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
+    """Triton implementation of lift_kernels.reference.remap_state (same semantics), through the
+    op torch.ops.lift_kernels.triton_remap_state."""
+    return list(torch.ops.lift_kernels.triton_remap_state(old_idx, new_idx, states))

@@ -1,0 +1,242 @@
+"""Fused multi-tensor sparse AdamW step (Triton): all LIFT weights of a call in one launch.
+
+Each program updates BLOCK consecutive selected entries of one weight. Which weight, and where its
+tensors live, comes from a small int64 device table: per weight, element offsets of its weight,
+grad, indices, moments and master from one base tensor of each kind (passed as typed pointer
+arguments), plus k. Offsets rather than raw addresses let the compiler know the alignment of the
+length-k streams and vectorize them; raw addresses cast with ``.to(tl.pointer_type(...))`` also
+work, in the interpreter too, but their alignment is unknown. The table depends only on addresses and
+sizes, so it is cached and repeated steps over the same tensors reuse it: no host-to-device copy.
+
+Hyperparameters reach the kernel as fp32 runtime scalars computed on the host in double precision,
+as torch.optim.AdamW computes them, so a new lr or step never recompiles and never syncs.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+# Entries per program and warps per program. The step is memory bound: 1024 entries over 4 warps
+# give each thread 8 entries, i.e. several independent loads of every stream in flight.
+BLOCK = 1024
+NUM_WARPS = 4
+
+# One row of the table per weight: element offsets of (weight, grad, idx, exp_avg, exp_avg_sq,
+# master) from their base tensors, then k, the weight's first block and flags.
+ROW = 9
+FLAG_GATHERED_GRAD = tl.constexpr(1)  # grad is the length-k gathered gradient, not the dense one
+FLAG_MASTER = tl.constexpr(2)  # an fp32 master copy holds the selected entries; the weight gets it rounded
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TABLE_CACHE_SIZE = 64
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``dtype``, as torch rounds. bf16 is rounded with
+    integer ops: Triton 3.6's interpreter truncates fp32 -> bf16 casts (and its "rtne" mode rounds
+    half up without carrying), so a plain cast would be tested with other rounding than the GPU's."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, j, k, flags,
+                    decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                    MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """AdamW on entries j of one weight; MASKED only for its last, partial block (an all-true mask
+    keeps the full blocks' contiguous streams vectorizable)."""
+    if MASKED:
+        mask = j < k
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+    # Indices, moments and gathered grads are touched once: let them leave the cache first. The
+    # weight's sectors are read and then written, so they keep the default policy.
+    idx = tl.load(idx_ptr + j, mask=mask, other=0, eviction_policy="evict_first")
+    grad_at = tl.where((flags & FLAG_GATHERED_GRAD) != 0, j, idx)
+    g = tl.load(grad_ptr + grad_at, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    m = tl.load(exp_avg_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first")
+    v = tl.load(exp_avg_sq_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first")
+    has_master = (flags & FLAG_MASTER) != 0
+    if has_master:
+        w = tl.load(master_ptr + j, mask=mask, other=0.0)
+    else:
+        w = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+    # torch.optim.AdamW's single-tensor arithmetic, operation by operation, in fp32 with IEEE
+    # rounding (the kernel is memory bound, so exact sqrt and division cost nothing).
+    w = w * decay
+    # torch.lerp switches formula at weight 0.5 so that it is exact at both ends; follow it
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
+    v = v * beta2 + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w + (-step_size) * tl.div_rn(m, denom)
+
+    tl.store(exp_avg_ptr + j, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + j, v, mask=mask)
+    if has_master:
+        tl.store(master_ptr + j, w, mask=mask)
+    tl.store(param_ptr + idx, _round_to(w, param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_adamw_kernel(table_ptr, param_base, grad_base, idx_base, state_base,
+                         decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    # table = [row offset of each block's weight] ++ [one row of ROW fields per weight]
+    row = table_ptr + tl.load(table_ptr + pid)
+    idx_off = tl.load(row + 2)
+    exp_avg_off = tl.load(row + 3)
+    exp_avg_sq_off = tl.load(row + 4)
+    master_off = tl.load(row + 5)
+    if ALIGNED:  # the host checked that every length-k stream starts 16-byte aligned
+        idx_off = tl.multiple_of(idx_off, 4)
+        exp_avg_off = tl.multiple_of(exp_avg_off, 4)
+        exp_avg_sq_off = tl.multiple_of(exp_avg_sq_off, 4)
+        master_off = tl.multiple_of(master_off, 4)
+    k = tl.load(row + 6)
+    block = pid - tl.load(row + 7)
+    flags = tl.load(row + 8)
+    j = block * BLOCK + tl.arange(0, BLOCK)  # int64: entry numbers within the weight
+    param_ptr = param_base + tl.load(row + 0)
+    grad_ptr = grad_base + tl.load(row + 1)
+    if (block + 1) * BLOCK <= k:
+        _update_entries(param_ptr, grad_ptr, idx_base + idx_off, state_base + exp_avg_off,
+                        state_base + exp_avg_sq_off, state_base + master_off, j, k, flags, decay,
+                        one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                        MASKED=False, BLOCK=BLOCK)
+    else:
+        _update_entries(param_ptr, grad_ptr, idx_base + idx_off, state_base + exp_avg_off,
+                        state_base + exp_avg_sq_off, state_base + master_off, j, k, flags, decay,
+                        one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                        MASKED=True, BLOCK=BLOCK)
+
+
+# ------------------------------------------------------------------------------------ the table
+_tables: OrderedDict[tuple, tuple[Tensor, int, bool]] = OrderedDict()
+
+
+def _offsets(addresses: list[int], elem_size: int) -> list[int]:
+    """Element offsets of ``addresses`` from the first one (every tensor is element aligned)."""
+    base = addresses[0]
+    if any((a - base) % elem_size for a in addresses):
+        raise ValueError("tensors of one kind must be aligned to their element size")
+    return [(a - base) // elem_size for a in addresses]
+
+
+def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, int, bool]:
+    """(device table, number of blocks, whether the length-k streams are 16-byte aligned) for
+    weights given as (param, grad, idx, exp_avg, exp_avg_sq, master-or-None, flags); cached by
+    addresses, sizes and BLOCK, since the table is a function of them alone."""
+    key = (device, BLOCK, tuple((p.data_ptr(), g.data_ptr(), i.data_ptr(), m.data_ptr(), v.data_ptr(),
+                          0 if ms is None else ms.data_ptr(), i.numel(), f)
+                         for p, g, i, m, v, ms, f in weights))
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    params, grads, idxs, exp_avgs, exp_avg_sqs, masters, flags = zip(*weights)
+    states = [t.data_ptr() for t in exp_avgs + exp_avg_sqs + tuple(ms for ms in masters if ms is not None)]
+    state_off = _offsets(states, 4)
+    exp_avg_off, exp_avg_sq_off = state_off[:len(weights)], state_off[len(weights):2 * len(weights)]
+    master_iter = iter(state_off[2 * len(weights):])
+    master_off = [0 if ms is None else next(master_iter) for ms in masters]
+    idx_off = _offsets([i.data_ptr() for i in idxs], 4)
+    param_off = _offsets([p.data_ptr() for p in params], params[0].element_size())
+    grad_off = _offsets([g.data_ptr() for g in grads], grads[0].element_size())
+    aligned = all(o % 4 == 0 for o in state_off + idx_off)
+
+    blocks = [triton.cdiv(i.numel(), BLOCK) for i in idxs]
+    n_blocks = sum(blocks)
+    block_rows, rows, first_block = [], [], 0
+    for w, nb in enumerate(blocks):
+        block_rows += [n_blocks + ROW * w] * nb
+        rows += [param_off[w], grad_off[w], idx_off[w], exp_avg_off[w], exp_avg_sq_off[w], master_off[w],
+                 idxs[w].numel(), first_block, flags[w]]
+        first_block += nb
+    host = torch.tensor(block_rows + rows, dtype=torch.int64)
+    if device.type != "cpu":
+        # From pinned memory the copy is asynchronous: no host sync even when the table is new.
+        host = host.pin_memory()
+    hit = _tables[key] = (host.to(device, non_blocking=True), n_blocks, aligned)
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return hit
+
+
+# ------------------------------------------------------------------------------------ the op
+def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tensor | None) -> None:
+    if p.dtype not in _TL_DTYPE or g.dtype not in _TL_DTYPE:
+        raise TypeError(f"weights and grads must be fp32, bf16 or fp16, got {p.dtype} and {g.dtype}")
+    if not p.is_contiguous():
+        raise ValueError("the Triton sparse AdamW step updates weights in place and needs them contiguous")
+    k = idx.numel()
+    for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master", master)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous fp32 vector of length k={k}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+    if g.shape != p.shape and g.numel() != k:
+        raise ValueError(f"grad must have the weight's shape {tuple(p.shape)} or length k={k}, "
+                         f"got shape {tuple(g.shape)}")
+
+
+def _launch(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
+            exp_avg_sqs: list[Tensor], masters: list[Tensor | None], step: int, lr: float, beta1: float,
+            beta2: float, eps: float, weight_decay: float) -> None:
+    """Weights of one (weight dtype, grad dtype) pair share a launch; the optimizer's buckets hold
+    one such pair, so a step of a bucket is one launch."""
+    groups: dict[tuple, list[tuple]] = {}
+    for p, g, idx, m, v, master in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, strict=True):
+        _check(p, g, idx, m, v, master)
+        if idx.numel() == 0:
+            continue
+        flags = ((FLAG_GATHERED_GRAD.value if g.shape != p.shape else 0)
+                 | (FLAG_MASTER.value if master is not None else 0))
+        # Copies made here are freed after the launch is queued; the caching allocator orders their
+        # reuse after it on the stream.
+        g = g.contiguous()
+        idx = idx.to(torch.int32).contiguous()
+        groups.setdefault((p.device, p.dtype, g.dtype), []).append((p, g, idx, m, v, master, flags))
+    # The scalars torch.optim.AdamW derives from the hyperparameters, in double precision.
+    scalars = (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
+               math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step), eps)
+    for (device, _, _), weights in groups.items():
+        table, n_blocks, aligned = _pointer_table(weights, device)
+        p, g, idx, m = weights[0][:4]
+        _sparse_adamw_kernel[(n_blocks,)](table, p, g, idx, m, *scalars, ALIGNED=aligned, BLOCK=BLOCK,
+                                          num_warps=NUM_WARPS)
+
+
+# Registered as a torch op so that torch.compile sees an opaque call with declared mutations; the
+# op adds dispatcher overhead (tens of microseconds per call) but no synchronisation.
+_OP = "triton_sparse_adamw_step"
+_lib = torch.library.Library("lift_kernels", "FRAGMENT")
+_lib.define(f"{_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, Tensor(b!)[] exp_avgs, "
+            "Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[] masters, int step, float lr, float beta1, "
+            "float beta2, float eps, float weight_decay) -> ()")
+_lib.impl(_OP, _launch, "CompositeExplicitAutograd")
+torch.library.register_fake(f"lift_kernels::{_OP}", lambda *args: None, lib=_lib)
+
+
+def sparse_adamw_step(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor],
+                      exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      masters: list[Tensor | None] | None = None, *, step: int, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Triton implementation of lift_kernels.reference.sparse_adamw_step (same semantics), through
+    the op torch.ops.lift_kernels.triton_sparse_adamw_step. Moments and masters must be fp32."""
+    if masters is None:
+        masters = [None] * len(params)
+    torch.ops.lift_kernels.triton_sparse_adamw_step(params, grads, idxs, exp_avgs, exp_avg_sqs, masters,
+                                                    step, lr, beta1, beta2, eps, weight_decay)
