@@ -1,0 +1,1 @@
+"""Integrations with training stacks: import lift_kernels.integrations.hf (needs transformers)."""

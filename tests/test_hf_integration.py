@@ -1,0 +1,100 @@
+"""LIFTAdamW inside transformers.Trainer and accelerate, on a tiny LlamaForCausalLM (CPU)."""
+import copy
+
+import pytest
+import torch
+
+import lift_kernels as lk
+import lift_kernels.integrations.hf  # noqa: F401
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def dataset(n=16, length=12):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (n, length), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def train_with_trainer(model, opt, tmp_path, trainer_cls, max_grad_norm=0.5):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5,
+        max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.1 * step)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset(), optimizers=(opt, sched),
+                          data_collator=transformers.default_data_collator)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
+
+
+def test_plain_trainer_with_density_one_equals_torch_adamw(tmp_path):
+    model = tiny_llama()
+    twin = copy.deepcopy(model)
+    hp = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    groups = lk.lift_param_groups(model, train_other=True)
+    lk_loss, _ = train_with_trainer(model, lk.LIFTAdamW(groups, density=1.0, lra_rank=4, **hp), tmp_path / "a",
+                                    transformers.Trainer)
+    lk.lift_param_groups(twin, train_other=True)  # same trainable set
+    ref_loss, _ = train_with_trainer(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], **hp),
+                                     tmp_path / "b", transformers.Trainer)
+    assert lk_loss == pytest.approx(ref_loss, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lift_trainer_sparse_grads_equal_dense_grads_and_train_only_selected(tmp_path):
+    runs = []
+    for sparse in (False, True):
+        model = tiny_llama()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = lk.LIFTAdamW(lk.lift_param_groups(model), lr=1e-2, rank=2, lra_rank=4, update_interval=100,
+                           sparse_grad=sparse)
+        losses, trainer = train_with_trainer(model, opt, tmp_path / str(sparse), lk.integrations.hf.LIFTTrainer)
+        runs.append((model, losses))
+        q = model.model.layers[0].self_attn.q_proj.weight
+        changed = (q != start["model.layers.0.self_attn.q_proj.weight"]).view(-1)
+        selected = torch.zeros_like(changed)
+        selected[opt.state[q]["idx"].long()] = True
+        assert changed.any() and not (changed & ~selected).any()  # no refresh in 5 steps
+        assert torch.equal(model.model.embed_tokens.weight, start["model.embed_tokens.weight"])  # frozen
+        assert all(h.get("grad_norm", 1.0) > 0 for h in trainer.state.log_history)
+    (dense_model, dense_loss), (sparse_model, sparse_loss) = runs
+    assert sparse_loss == pytest.approx(dense_loss, rel=1e-6)
+    for p, q in zip(dense_model.parameters(), sparse_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_accelerate_loop_with_accumulation_and_clipping():
+    from accelerate import Accelerator
+
+    def run(make_opt):
+        model = tiny_llama()
+        lk.lift_param_groups(model)
+        opt = make_opt(model)
+        acc = Accelerator(gradient_accumulation_steps=2, cpu=True)
+        model, opt = acc.prepare(model, opt)
+        data = dataset()
+        for i in range(0, len(data), 2):
+            batch = transformers.default_data_collator(data[i:i + 2])
+            with acc.accumulate(model):
+                acc.backward(model(**batch).loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                opt.zero_grad()
+        return model
+
+    hp = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)  # torch.optim.AdamW defaults to 0.01, we to 0
+    ours = run(lambda m: lk.LIFTAdamW([p for p in m.parameters() if p.requires_grad], density=1.0, lra_rank=4, **hp))
+    ref = run(lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **hp))
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
