@@ -84,3 +84,35 @@ def test_masters_survive_checkpoint_as_fp32():
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.state[W]["master"].dtype == torch.float32
     assert torch.equal(opt2.state[W]["master"], opt.state[W]["master"])
+
+
+def test_resume_with_sparse_grads_and_masters_is_bit_exact():
+    torch.manual_seed(0)
+    model = TinyMLP().to(torch.bfloat16)
+    start = copy.deepcopy(model.state_dict())
+    kw = dict(lr=1e-3, rank=2, lra_rank=3, update_interval=3, sparse_grad=True, seed=1)
+    g = torch.Generator().manual_seed(3)
+    batches = [make_batch(generator=g) for _ in range(9)]
+
+    def train(m, opt, part):
+        for x, y in part:
+            torch.nn.functional.mse_loss(m(x.bfloat16()).float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    train(model, lk.LIFTAdamW(model.parameters(), **kw), batches)
+    first = TinyMLP().to(torch.bfloat16)
+    first.load_state_dict(start)
+    opt = lk.LIFTAdamW(first.parameters(), **kw)
+    train(first, opt, batches[:4])  # past the refresh at step 3
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = TinyMLP().to(torch.bfloat16)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = lk.LIFTAdamW(resumed.parameters(), **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, batches[4:])
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
