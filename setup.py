@@ -56,6 +56,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton==3.6.0"],
-        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors"],
+        "hf": ["transformers>=4.45", "accelerate", "peft"],
+        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors", "transformers>=4.45", "accelerate", "peft"],
     },
 )
