@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import lift_kernels as lk
-import lift_kernels.integrations.hf  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
+import lift_kernels.integrations.hf  # noqa: E402,F401  (needs transformers)
 
 
 def tiny_llama():
