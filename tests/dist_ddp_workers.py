@@ -97,3 +97,8 @@ def broadcast_makes_ranks_agree(rank, world, out_dir):
     assert agree == [True, False], f"broadcast selection agreement {agree}, expected [True, False]"
     all_idx = gathered(selections["world"])
     assert all(torch.equal(all_idx[0], i) for i in all_idx)
+
+
+def all_checks(rank, world, out_dir):
+    trajectories(rank, world, out_dir)
+    broadcast_makes_ranks_agree(rank, world, out_dir)

@@ -23,6 +23,8 @@ CONFIGS = {  # name: (LIFTAdamW options, gradient clipping)
     "magnitude": (dict(selector="magnitude"), None),
     "lift_exact": (dict(selector="lift", svd="exact"), 0.05),
     "lift_fast": (dict(selector="lift", svd="fast"), None),
+    # FSDP2 runs post-accumulate-grad hooks on the sharded parameters: gathered shard gradients
+    "lift_fast_sparse_grad": (dict(selector="lift", svd="fast", sparse_grad=True), 0.05),
 }
 
 
@@ -36,11 +38,14 @@ def _batches(world: int, rank: int):
 
 
 def _step(model, opt, x, y, clip):
+    """One step; returns the gradient norm before clipping (None without clipping)."""
     opt.zero_grad()
     torch.nn.functional.mse_loss(model(x), y).backward()
-    if clip is not None:
-        opt.clip_grad_norm_(clip)
+    if opt.sparse_grad:  # dense gradients of LIFT weights were gathered and freed during backward
+        assert all(p.grad is None for p in opt.lift_parameters())
+    norm = opt.clip_grad_norm_(clip) if clip is not None else None
     opt.step()
+    return norm
 
 
 def _sharded_model(world: int):
@@ -83,13 +88,18 @@ def trajectories_and_save(rank, world, ckpt_dir):
     for config, (kw, clip) in CONFIGS.items():
         model, _ = _sharded_model(world)
         ref, ref_opt, _ = _reference(config)
-        opt = lk.LIFTAdamW(model.parameters(), **HP, **kw)
+        opt = lk.LIFTAdamW(lk.lift_param_groups(model, train_other=True), **HP, **kw)  # sees DTensors
+        clipped = False
         for t, (full, local) in enumerate(_batches(world, rank), start=1):
-            _step(ref, ref_opt, *full, clip)
-            _step(model, opt, *local, clip)
+            ref_norm = _step(ref, ref_opt, *full, clip)
+            norm = _step(model, opt, *local, clip)
             _check_same(model, opt, ref, ref_opt, f"{config}, step {t}")
+            if clip is not None:
+                torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+                clipped |= bool(norm > clip)
             if t == SAVE_AT and config == "lift_exact":
                 save_checkpoint(ckpt_dir, model, opt)
+        assert clip is None or clipped, "clipping must be exercised"
         # state covers this rank's rows only: k entries over all ranks together
         k_local = torch.tensor(opt.state[model.up.weight]["idx"].numel())
         dist.all_reduce(k_local)
@@ -110,7 +120,8 @@ def resume(rank, world, ckpt_dir):
     """A checkpoint written on another number of ranks continues the same trajectory here."""
     model, _ = _sharded_model(world)
     kw, clip = CONFIGS["lift_exact"]
-    opt = lk.LIFTAdamW(model.parameters(), **{**HP, "lr": 1.0}, **kw)  # lr comes from the checkpoint
+    groups = lk.lift_param_groups(model, train_other=True)
+    opt = lk.LIFTAdamW(groups, **{**HP, "lr": 1.0}, **kw)  # lr comes from the checkpoint
     load_checkpoint(ckpt_dir, model, opt)
     ref, ref_opt, _ = _reference("lift_exact")
     for t, (full, local) in enumerate(_batches(world, rank), start=1):
@@ -149,3 +160,8 @@ def sharded_selection(rank, world, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)
+
+
+def resume_and_select(rank, world, ckpt_dir, report_path):
+    resume(rank, world, ckpt_dir)
+    sharded_selection(rank, world, report_path)

@@ -8,7 +8,9 @@ names (a DistributedDataParallel wrapper's "module." prefix is not part of them)
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,6 +33,15 @@ def _named_params(model: nn.Module, opt) -> list[tuple[str, dict, torch.Tensor]]
                 raise ValueError("every optimizer parameter must be a parameter of the model")
             out.append((names[id(p)], group, p))
     return out
+
+
+@contextlib.contextmanager
+def _quiet_sharded_tensor():
+    """LIFT ranges are uneven (each rank's share depends on where its selected entries fall), which
+    DTensor cannot describe; DCP reads and writes them as ShardedTensors, which torch warns about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", category=FutureWarning)
+        yield
 
 
 def _blob(obj) -> bytes:
@@ -58,6 +69,22 @@ def _header(model, opt) -> dict:
     return {"groups": groups, "seed": opt.seed, "params": params}
 
 
+def _check_matches(header: dict, named, opt) -> None:
+    """Refuse, before changing anything, a checkpoint of other parameters or other groups."""
+    if len(header["groups"]) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint has {len(header['groups'])} parameter groups, this optimizer "
+                         f"{len(opt.param_groups)}; build the optimizer as the saved run did")
+    for name, group, p in named:
+        if name not in header["params"]:
+            raise ValueError(f"the checkpoint has no entry for parameter {name!r}")
+        meta = header["params"][name]
+        if meta is not None and meta["lift"] != opt._is_lift(group, p):
+            raise ValueError(f"{name!r} is {'a' if meta['lift'] else 'not a'} LIFT weight in the checkpoint "
+                             "but not here; build the optimizer's groups as the saved run did")
+        if meta is not None and meta["lift"] and tuple(meta["shape"]) != tuple(p.shape):
+            raise ValueError(f"{name!r} has shape {tuple(p.shape)}, the checkpoint {tuple(meta['shape'])}")
+
+
 def save_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
     """Write the model and optimizer state; every rank of the run calls it."""
     sd = {"model": _module(model).state_dict(), "optim_header": _blob(_header(model, opt))}
@@ -78,21 +105,23 @@ def save_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
         if "master" in s:
             fields["master"] = s["master"]
         sd[f"optim.{name}"] = {k: layout.range_tensor(v, start, total, shard) for k, v in fields.items()}
-    dcp.save(sd, checkpoint_id=checkpoint_id)
+    with _quiet_sharded_tensor():
+        dcp.save(sd, checkpoint_id=checkpoint_id)
 
 
 def load_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
     """Read a checkpoint written by save_checkpoint on any number of ranks into this run."""
     named = _named_params(model, opt)
-    first = {"model": _module(model).state_dict(), "optim_header": b""}
-    dcp.load(first, checkpoint_id=checkpoint_id)  # model in place, plus what the state looks like
-    _module(model).load_state_dict(first["model"])
+    first = {"optim_header": b""}
+    dcp.load(first, checkpoint_id=checkpoint_id)  # what the state looks like, checked before any change
     header = _unblob(first["optim_header"])
+    _check_matches(header, named, opt)
     lift_meta = {name: meta for name, meta in header["params"].items() if meta and meta["lift"]}
     rowptrs = {f"optim_rowptr.{name}": torch.zeros(meta["shape"][0] + 1, dtype=torch.int64)
                for name, meta in lift_meta.items()}
-    if rowptrs:
-        dcp.load(rowptrs, checkpoint_id=checkpoint_id)
+    model_sd = _module(model).state_dict()
+    dcp.load({"model": model_sd, **rowptrs}, checkpoint_id=checkpoint_id)  # model in place
+    _module(model).load_state_dict(model_sd)
 
     second, targets = {}, {}
     for name, group, p in named:
@@ -113,7 +142,8 @@ def load_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
         second[f"optim.{name}"] = {f: layout.range_tensor(v, start, int(rowptr[-1]), shard)
                                    for f, v in entries.items()}
     if second:
-        dcp.load(second, checkpoint_id=checkpoint_id)
+        with _quiet_sharded_tensor():
+            dcp.load(second, checkpoint_id=checkpoint_id)
 
     opt.state.clear()
     for name, group, p in named:

@@ -38,7 +38,7 @@ class SparseAllreduceState:
         group = self._groups.get(id(p))
         if group is None or not self.opt._is_lift(group, p):
             return None
-        return group, self.opt.state[p]
+        return group, self.opt.state.get(p, {})
 
     def needs_dense(self, params: list[Tensor]) -> bool:
         """Whether a LIFT weight among ``params`` selects before its next step."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .broadcast_selection import broadcast_indices
-from .placement import replica_group, row_shard
+from .placement import local_tensor, replica_group, row_shard
 from .sharded_select import sharded_indices, stack
 
 
@@ -28,8 +28,8 @@ def chunk_indices(group: dict, chunk: list[Tensor], k: int, generator: torch.Gen
         return sharded_indices(group, chunk, k, generator, grads, shard)
 
     def compute() -> Tensor:
-        grad = stack([grads[p] for p in chunk]) if group["selector"] == "gradient" else None
-        return compute_local(stack([p.detach() for p in chunk]), grad)
+        grad = stack([local_tensor(grads[p]) for p in chunk]) if group["selector"] == "gradient" else None
+        return compute_local(stack([local_tensor(p).detach() for p in chunk]), grad)  # replicated DTensors too
 
     replicas = replica_group(selection_group)
     if replicas is None:
