@@ -5,7 +5,9 @@ import pytest
 import torch.distributed as dist
 
 import dist_ddp_workers as workers
+import lift_kernels as lk
 from dist_harness import run_ranks
+from helpers import TinyMLP
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -26,3 +28,9 @@ def test_ddp_and_sparse_hook_reproduce_single_process(tmp_path):
         sparse = per_step["2"]
         assert sparse["sent"] < 0.3 * sparse["dense"], sparse
         print(f"selector={selector}: bytes per step {per_step}")
+
+
+def test_hook_refuses_sparse_grad_mode():
+    opt = lk.LIFTAdamW(TinyMLP().parameters(), rank=2, lra_rank=3, sparse_grad=True)
+    with pytest.raises(ValueError, match="sparse_grad=False"):
+        lk.sparse_allreduce_hook(opt)

@@ -10,7 +10,7 @@ from torch.optim.adamw import adamw as dense_adamw
 
 from .. import ops
 from ..distributed.grad_norm import shard_group, sharded_total_norm
-from ..distributed.placement import local_tensor
+from ..distributed.placement import is_dtensor, local_tensor, replica_group
 from .checkpoint import load_lift_state_dict
 from .selection import needs_selection, select_group, selection_generator, uses_master
 from .validation import check_hyperparameters, check_lift_param
@@ -101,6 +101,9 @@ class LIFTAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _gather_grad_hook(self, p: Tensor) -> None:
         """Sparse-grad mode: keep grad[idx] in fp32 and free the dense gradient right away."""
+        if not is_dtensor(p) and replica_group(self.selection_group) is not None:
+            raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
+                               "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
         group = self._group_of(p)
         state = self.state[p]
         t = state.get("step", 0) + 1
