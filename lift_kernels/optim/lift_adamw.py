@@ -9,6 +9,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw as dense_adamw
 
 from .. import ops
+from ..distributed.grad_norm import shard_group, sharded_total_norm
+from ..distributed.placement import is_dtensor, local_tensor, replica_group
 from .checkpoint import load_lift_state_dict
 from .selection import needs_selection, select_group, selection_generator, uses_master
 from .validation import check_hyperparameters, check_lift_param
@@ -38,6 +40,12 @@ class LIFTAdamW(torch.optim.Optimizer):
     (same trajectory as dense mode). A step whose selector needs the dense gradient ("gradient" on
     a selecting step) keeps it for that step. ``seed`` seeds the randomized SVD and the random
     selector per (seed, weight, step), so a resumed run makes the same selections.
+
+    Multi-process runs (docs/distributed.md): weights that every rank holds whole (DDP) are selected
+    on the first rank of ``selection_group`` ("world": the default group once torch.distributed is
+    initialized; None: each rank selects alone) and broadcast; DTensor weights sharded on rows
+    (FSDP2) are selected collectively, and their state (``idx`` as flat indices into the local
+    shard) covers this rank's rows only.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
@@ -45,13 +53,14 @@ class LIFTAdamW(torch.optim.Optimizer):
                  rank: int = 128, density: float | None = None, lra_rank: int = 64,
                  update_interval: int = 400, selector: str = "lift", svd: str = "fast",
                  largest: bool = True, seed: int = 0, sparse_grad: bool = False,
-                 master_weights: bool | None = None):
+                 master_weights: bool | None = None, selection_group="world"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
                         selector=selector, svd=svd, largest=largest, lift=None,
                         master_weights=master_weights)
         self.seed = int(seed)
         self.sparse_grad = bool(sparse_grad)
+        self.selection_group = selection_group
         self._sparse_grads: dict[Tensor, Tensor] = {}  # gathered fp32 gradients, until step()
         self._hooks = []
         super().__init__(params, defaults)
@@ -92,6 +101,9 @@ class LIFTAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _gather_grad_hook(self, p: Tensor) -> None:
         """Sparse-grad mode: keep grad[idx] in fp32 and free the dense gradient right away."""
+        if not is_dtensor(p) and replica_group(self.selection_group) is not None:
+            raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
+                               "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
         group = self._group_of(p)
         state = self.state[p]
         t = state.get("step", 0) + 1
@@ -103,7 +115,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
         if p.grad is None:
             return
-        g = p.grad.view(-1).index_select(0, state["idx"].long()).float()
+        g = local_tensor(p.grad).view(-1).index_select(0, state["idx"].long()).float()
         buf = self._sparse_grads.get(p)
         self._sparse_grads[p] = g if buf is None else buf.add_(g)
         p.grad = None
@@ -126,23 +138,27 @@ class LIFTAdamW(torch.optim.Optimizer):
         density=1 it equals torch's clip_grad_norm_ over all gradients. Weights due for selection are
         selected first (with the same result step() would get). Returns the total norm.
         """
-        parts, scaled = [], []
+        parts, scaled, shard_groups = [], [], []
         for group in self.param_groups:
             lift = [p for p in group["params"] if self._is_lift(group, p) and self._has_grad(p)]
             self._select_due(group, lift)
             for p in group["params"]:
                 if not self._has_grad(p):
                     continue
-                g = self._applied_grad(p)
-                if self._is_lift(group, p) and g.shape == p.shape:
+                g = local_tensor(self._applied_grad(p))  # a shard's rows: their norms add up below
+                if self._is_lift(group, p) and self._applied_grad(p).shape == p.shape:
                     parts.append(g.view(-1).index_select(0, self.state[p]["idx"].long()))
                 else:
                     parts.append(g)
                 scaled.append(g)
+                shard_groups.append(shard_group(p))
         if not parts:
             return torch.tensor(0.0)
-        norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in parts]
-        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        if any(sg is not None for sg in shard_groups):
+            total = sharded_total_norm(parts, shard_groups, norm_type)
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in parts]
+            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -211,7 +227,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             if grads is not None and any(g is None for g in grads.values()):
                 raise RuntimeError("selector='gradient' needs the dense gradient of the selecting step")
             for t, ps in by_step.items():
-                select_group(group, ps, t, positions, self.seed, self.state, grads)
+                select_group(group, ps, t, positions, self.seed, self.state, grads, self.selection_group)
 
     def _lift_step(self, group: dict, params: list[Tensor]) -> None:
         self._select_due(group, params)
@@ -224,8 +240,9 @@ class LIFTAdamW(torch.optim.Optimizer):
             buckets[(p.device, p.dtype, state["step"], "master" in state, g.shape == p.shape)].append(p)
         for (_, _, step, has_master, _), ps in buckets.items():
             states = [self.state[p] for p in ps]
-            ops.sparse_adamw_step(
-                ps, [self._applied_grad(p) for p in ps], [s["idx"] for s in states],
+            ops.sparse_adamw_step(  # on the local rows of sharded weights, with their local idx
+                [local_tensor(p) for p in ps], [local_tensor(self._applied_grad(p)) for p in ps],
+                [s["idx"] for s in states],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["master"] for s in states] if has_master else None, step=step,
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],

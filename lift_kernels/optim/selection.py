@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed.placement import local_tensor
+from ..distributed.route import chunk_indices
 from ..reference.select import select_indices
 from .validation import budget
 
@@ -29,10 +32,13 @@ def needs_selection(state: dict, group: dict, t: int) -> bool:
 
 
 def select_group(group: dict, params: list[Tensor], t: int, positions: dict[int, int], seed: int,
-                 states: dict, grads: dict[Tensor, Tensor] | None = None) -> None:
+                 states: dict, grads: dict[Tensor, Tensor] | None = None,
+                 selection_group="world") -> None:
     """Select entries for ``params`` (all due at step ``t``) and install them in ``states``.
 
-    ``grads`` gives the dense gradient of each weight for selector="gradient".
+    ``grads`` gives the dense gradient of each weight for selector="gradient". In a multi-process
+    run, ``distributed.route`` decides who computes a chunk's selection (see LIFTAdamW's
+    ``selection_group``); in a single process it is ``local_indices``, here.
     """
     by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
@@ -42,20 +48,21 @@ def select_group(group: dict, params: list[Tensor], t: int, positions: dict[int,
         per_batch = max(1, SELECT_BUCKET_BYTES // (ps[0].numel() * ps[0].element_size()))
         for start in range(0, len(ps), per_batch):
             chunk = ps[start:start + per_batch]
-            W = chunk[0] if len(chunk) == 1 else torch.stack(chunk)
             gen = selection_generator(seed, positions[id(chunk[0])], t)
-            if group["selector"] == "lift":
-                idx = ops.principal_weights(W, k, group["lra_rank"], group["svd"], group["largest"], gen)
-            else:
-                grad = None
-                if group["selector"] == "gradient":
-                    gs = [grads[p] for p in chunk]
-                    grad = gs[0] if len(gs) == 1 else torch.stack(gs)
-                idx = select_indices(W, k, selector=group["selector"], lra_rank=group["lra_rank"],
-                                     svd=group["svd"], largest=group["largest"], grad=grad, generator=gen)
-            for p, new_idx in zip(chunk, idx.reshape(len(chunk), k)):
+            compute = partial(local_indices, group, k=k, generator=gen)
+            idxs = chunk_indices(group, chunk, k, gen, grads, compute, selection_group)
+            for p, new_idx in zip(chunk, idxs):
                 install_selection(p, states[p], new_idx.contiguous(), uses_master(group, p))
                 states[p]["selected_at"] = t
+
+
+def local_indices(group: dict, W: Tensor, grad: Tensor | None, *, k: int,
+                  generator: torch.Generator) -> Tensor:
+    """Indices of a weight (m, n) or a stack (b, m, n) of them, (k,) or (b, k), under the group's selector."""
+    if group["selector"] == "lift":
+        return ops.principal_weights(W, k, group["lra_rank"], group["svd"], group["largest"], generator)
+    return select_indices(W, k, selector=group["selector"], lra_rank=group["lra_rank"], svd=group["svd"],
+                          largest=group["largest"], grad=grad, generator=generator)
 
 
 def uses_master(group: dict, p: Tensor) -> bool:
@@ -75,7 +82,7 @@ def install_selection(p: Tensor, state: dict, new_idx: Tensor, master: bool) -> 
     (Sterbenz), and weight + residual gives the master back; new entries get residual 0, i.e. the
     weight's own value.
     """
-    flat = p.detach().view(-1)
+    flat = local_tensor(p).detach().view(-1)  # a shard's own rows: its idx are local
     old_idx = state.get("idx")
     if old_idx is None:
         zeros = torch.zeros(new_idx.numel(), dtype=torch.float32, device=p.device)
