@@ -9,7 +9,9 @@ Round trips are exact: ``apply_delta`` on the base gives the fine-tuned weights 
 ``remove_delta`` gives the base back. A difference is stored in the weight's dtype where both
 directions are exact for that entry (most entries: close floats subtract exactly); the few others,
 typically weights that crossed zero, go to ``NAME.indices.float64`` / ``NAME.values.float64``.
-``save_delta`` checks both directions of every entry before it writes.
+``save_delta`` checks both directions of every entry before it writes. A weight whose entries
+mostly changed (full fine-tuning, a merged LoRA) is stored as a plain ``NAME.dense`` difference
+instead, zero where unchanged, as that is smaller than index/value pairs.
 """
 from __future__ import annotations
 
@@ -102,6 +104,13 @@ def save_delta(model: nn.Module, base_state_dict: Mapping[str, Tensor], path: st
         if idx.numel() == 0:
             continue
         for suffix, where, values in _split_exact(new_flat[idx], old_flat[idx], name):
+            if suffix == "" and where.numel() * (4 + values.element_size()) > new.numel() * values.element_size():
+                # Mostly changed (full fine-tuning, merged LoRA): the plain difference is smaller than
+                # (index, value) pairs. Unchanged entries hold 0, which apply/remove skip.
+                dense = torch.zeros(new.numel(), dtype=values.dtype)
+                dense[idx[where]] = values
+                tensors[f"{name}.dense"] = dense
+                continue
             tensors[f"{name}.indices{suffix}"] = idx[where].to(torch.int32).contiguous()
             tensors[f"{name}.values{suffix}"] = values.contiguous()
         shapes[name] = list(new.shape)
@@ -132,6 +141,13 @@ def _read_delta(model: nn.Module, path: str | os.PathLike) -> list[tuple[Tensor,
             if list(w.shape) != shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(shape)} in the delta but "
                                  f"{tuple(w.shape)} in this model; apply it to the model it was made from")
+            if f"{name}.dense" in keys:
+                dense = f.get_tensor(f"{name}.dense")
+                if dense.numel() != w.numel():
+                    raise ValueError(f"{path}: {name} has a dense difference of {dense.numel()} entries, "
+                                     f"the weight has {w.numel()}")
+                idx = torch.nonzero(dense).flatten()  # a changed entry never has a zero difference
+                out.append((w.detach(), idx.to(w.device), dense[idx].to(w.device)))
             for suffix in _SUFFIXES:
                 if f"{name}.indices{suffix}" not in keys:
                     continue

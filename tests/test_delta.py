@@ -16,11 +16,7 @@ def _model(hidden=24, out=40, seed=0):
     return model
 
 
-def _base(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _state(model):
+def _copy(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -40,9 +36,9 @@ def _perturb(model, fraction, scale, seed=1):
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # small updates, and large ones that flip signs
 def test_round_trip_is_exact(tmp_path, scale):
     model = _model()
-    base = _base(model)
+    base = _copy(model)
     _perturb(model, 0.1, scale)
-    tuned = _state(model)
+    tuned = _copy(model)
     path = tmp_path / "delta.safetensors"
     lk.save_delta(model, base, path)
     with safe_open(str(path), framework="pt") as f:
@@ -64,9 +60,9 @@ def test_round_trip_is_exact(tmp_path, scale):
 
 def test_round_trip_bf16(tmp_path):
     model = _model().to(torch.bfloat16)
-    base = _base(model)
+    base = _copy(model)
     _perturb(model, 0.2, 0.05)
-    tuned = _state(model)
+    tuned = _copy(model)
     path = tmp_path / "d.safetensors"
     lk.save_delta(model, base, path)
     lk.remove_delta(model, path)
@@ -80,7 +76,7 @@ def test_size_follows_changed_entries(tmp_path):
     with torch.no_grad():  # weights away from zero: small updates then subtract exactly in fp32
         for p in model.parameters():
             p.copy_(torch.sign(torch.randn_like(p)) * (0.5 + torch.rand_like(p)))
-    base = _base(model)
+    base = _copy(model)
     changed = _perturb(model, 0.05, 1e-3)
     path = tmp_path / "d.safetensors"
     stats = lk.save_delta(model, base, path)
@@ -98,9 +94,26 @@ def test_size_follows_changed_entries(tmp_path):
         assert f.get_tensor("0.weight.indices").dtype == torch.int32
 
 
+def test_mostly_changed_weights_are_stored_dense(tmp_path):
+    model = _model(hidden=32, out=48)
+    base = _copy(model)
+    changed = _perturb(model, 0.9, 1e-2)
+    tuned = _copy(model)
+    path = tmp_path / "d.safetensors"
+    stats = lk.save_delta(model, base, path)
+    assert stats.entries == changed
+    with safe_open(str(path), framework="pt") as f:
+        assert {"0.weight.dense", "2.weight.dense"} <= set(f.keys())
+    assert stats.file_bytes < 8 * changed  # smaller than (int32 index, fp32 value) pairs would be
+    lk.remove_delta(model, path)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    lk.apply_delta(model, path)
+    assert all(torch.equal(v, tuned[k]) for k, v in model.state_dict().items())
+
+
 def test_unchanged_model_gives_empty_delta(tmp_path):
     model = _model()
-    stats = lk.save_delta(model, _base(model), tmp_path / "d.safetensors")
+    stats = lk.save_delta(model, _copy(model), tmp_path / "d.safetensors")
     assert stats.entries == 0 and stats.tensors == 0
 
 
@@ -109,7 +122,7 @@ def test_tied_weights_counted_once(tmp_path):
     head = nn.Linear(8, 10, bias=False)
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "head": head})
-    base = _base(model)
+    base = _copy(model)
     with torch.no_grad():
         emb.weight[3, 2] += 1.0
     path = tmp_path / "d.safetensors"
@@ -119,34 +132,34 @@ def test_tied_weights_counted_once(tmp_path):
     assert torch.equal(emb.weight, base["emb.weight"])
 
 
-def test_other_shapes_are_refused_and_model_untouched(tmp_path):
+@pytest.fixture
+def delta_path(tmp_path):
+    """A delta of a 10%-changed model built by _model()."""
     model = _model()
-    base = _base(model)
+    base = _copy(model)
     _perturb(model, 0.1, 1e-2)
-    path = tmp_path / "d.safetensors"
-    lk.save_delta(model, base, path)
+    lk.save_delta(model, base, tmp_path / "d.safetensors")
+    return tmp_path / "d.safetensors"
+
+
+def test_other_shapes_are_refused_and_model_untouched(delta_path):
     other = _model(hidden=24, out=41)
-    before = _state(other)
+    before = _copy(other)
     with pytest.raises(ValueError, match=r"0\.weight has shape \(40, 24\) in the delta but \(41, 24\)"):
-        lk.apply_delta(other, path)
+        lk.apply_delta(other, delta_path)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
-def test_missing_tensor_and_missing_file(tmp_path):
-    model = _model()
-    base = _base(model)
-    _perturb(model, 0.1, 1e-2)
-    path = tmp_path / "d.safetensors"
-    lk.save_delta(model, base, path)
+def test_missing_tensor_and_missing_file(delta_path, tmp_path):
     with pytest.raises(ValueError, match="does not have"):
-        lk.apply_delta(nn.Sequential(nn.Linear(24, 40)), path)
+        lk.apply_delta(nn.Sequential(nn.Linear(24, 40)), delta_path)
     with pytest.raises(FileNotFoundError):
-        lk.apply_delta(model, tmp_path / "nope.safetensors")
+        lk.apply_delta(_model(), tmp_path / "nope.safetensors")
 
 
 def test_base_of_other_shape_is_refused(tmp_path):
     model = _model()
-    base = _base(_model(out=41))
+    base = _copy(_model(out=41))
     with pytest.raises(ValueError, match=r"0\.weight: the base tensor has shape"):
         lk.save_delta(model, base, tmp_path / "d.safetensors")
     assert not os.listdir(tmp_path)  # nothing half-written

@@ -106,6 +106,17 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_model, tmp_path, monke
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
+def test_grad_accumulation_equals_one_large_batch(tiny_model, tmp_path):
+    run_cli(tiny_model, tmp_path / "big", "--max-steps", "2", "--batch-size", "4")
+    run_cli(tiny_model, tmp_path / "accum", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2")
+    big = [r for r in read_jsonl(tmp_path / "big" / "metrics.jsonl") if r["event"] == "train"]
+    accum = [r for r in read_jsonl(tmp_path / "accum" / "metrics.jsonl") if r["event"] == "train"]
+    assert [r["loss_tokens"] for r in big] == [r["loss_tokens"] for r in accum]
+    for a, b in zip(big, accum):  # same examples, loss normalised over the whole step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
 def test_resume_refuses_other_settings(tiny_model, tmp_path):
     out = tmp_path / "run"
     run_cli(tiny_model, out, "--max-steps", "2")
