@@ -24,8 +24,7 @@ ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lift-finetune",
-        description="Fine-tune a causal LM with LIFT (or a baseline) and report held-out exact-match accuracy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Fine-tune a causal LM with LIFT (or a baseline) and report held-out exact-match accuracy.")
     io = p.add_argument_group("model and data")
     io.add_argument("--model", default=None,
                     help="local transformers folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct "
@@ -39,10 +38,12 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
                     help="auto: the model's chat template if it has one, else the Alpaca prompt")
     io.add_argument("--max-length", type=int, default=512, help="tokens per training sequence (longer ones are cut)")
-    io.add_argument("--output-dir", default="lift-finetune-out")
+    io.add_argument("--output-dir", default="lift-finetune-out",
+                    help="results, delta and checkpoints; created only once every input checked out")
 
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=METHODS, default="lift")
+    m.add_argument("--method", choices=METHODS, default="lift",
+                   help="lift; full fine-tuning; lora (peft, same trainable count); magnitude/random (ablations)")
     m.add_argument("--target-modules", default=None,
                    help="comma-separated linear modules to train (default: every nn.Linear but lm_head)")
     m.add_argument("--rank", type=int, default=16,
@@ -55,12 +56,12 @@ def parser() -> argparse.ArgumentParser:
                         "time than the randomized path there), fast on accelerators")
 
     o = p.add_argument_group("optimization")
-    o.add_argument("--lr", type=float, default=2e-4)
+    o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW, betas (0.9, 0.95)")
     o.add_argument("--schedule", choices=SCHEDULES, default="linear",
                    help="after warmup (constant keeps the peak LR)")
     o.add_argument("--warmup", type=float, default=0.03,
                    help="warmup: a fraction of the steps if below 1, else a number of steps")
-    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     o.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (CPU 8, accelerator 16)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -69,17 +70,20 @@ def parser() -> argparse.ArgumentParser:
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (CPU: 32)")
     o.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for accelerators that support it, off on CPU)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="data order and LIFT's randomized selection")
 
     r = p.add_argument_group("evaluation and checkpoints")
     r.add_argument("--max-eval", type=int, default=None, help="held-out examples to evaluate (CPU 64, accelerator all)")
-    r.add_argument("--eval-batch-size", type=int, default=32)
+    r.add_argument("--eval-batch-size", type=int, default=32, help="prompts generated together")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation length (default: 64 for the built-in set, 256 for --data)")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint: a checkpoint file, or the latest in --output-dir")
     r.add_argument("--device", default=None, help="cpu, or an accelerator such as cuda:0 (default: the accelerator if any)")
+    for action in p._actions:  # fixed defaults into the help; device-dependent ones say so in their text
+        if action.default not in (None, argparse.SUPPRESS) and action.help and "default" not in action.help:
+            action.help += " (default: %(default)s)"
     return p
 
 
