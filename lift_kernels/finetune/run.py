@@ -1,0 +1,246 @@
+"""One fine-tuning run, start to finish: check inputs, evaluate the base, train, evaluate, write results.
+
+Every input is checked (data, model, method, checkpoint) before the output folder is created, and
+every file in it is written atomically, so a failed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..delta import save_delta
+from . import checkpoint, data, evaluate, methods, model as model_io, report, schedule
+from .cli import ACCEL_DEFAULTS, CPU_DEFAULTS
+from .features import encode, resolve_style
+from .train import LoopConfig, steps_per_epoch, train
+
+_BUILTIN_TRAIN, _BUILTIN_TEST = 5000, 500
+# Flags that change the trajectory: a checkpoint resumes only a run with the same values.
+_FINGERPRINT = ("model", "data", "eval_data", "method", "target_modules", "rank", "lra_rank", "update_interval",
+                "svd", "lr", "schedule", "warmup", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
+                "max_steps", "seed", "max_length", "prompt_style", "bf16")
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"lift-finetune: error: {message}")
+
+
+def _device(spec: str | None) -> torch.device:
+    if spec is None:
+        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return accel or torch.device("cpu")
+    try:
+        device = torch.device(spec)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise fail(f"--device {spec}: {err}") from None
+    return device
+
+
+def _apply_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    defaults = CPU_DEFAULTS if device.type == "cpu" else ACCEL_DEFAULTS
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps, args.epochs = defaults["max_steps"], defaults["epochs"]
+    for key in ("batch_size", "max_eval"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.bf16 is None:
+        args.bf16 = device.type != "cpu" and torch.accelerator.is_available() and _bf16_supported(device)
+    if args.svd == "auto":
+        args.svd = "exact" if device.type == "cpu" else "fast"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if args.data is None else 256
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    module = torch.get_device_module(device)
+    return bool(getattr(module, "is_bf16_supported", lambda: False)())
+
+
+def _datasets(args: argparse.Namespace):
+    """(train, held-out) examples, the held-out cut to --max-eval."""
+    if args.data is None:
+        if args.eval_data is not None:
+            raise fail("--eval-data needs --data (the built-in set has its own held-out split)")
+        train_set, test_set = data.arithmetic_problems(_BUILTIN_TRAIN, _BUILTIN_TEST)
+    else:
+        train_set = data.load_jsonl(args.data)
+        if args.eval_data is not None:
+            test_set = data.load_jsonl(args.eval_data)
+        else:  # hold out --max-eval examples of --data, chosen by --seed, and train on the rest
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
+            n_test = min(args.max_eval or max(1, len(train_set) // 10), len(train_set) - 1)
+            test_set = [train_set[i] for i in order[:n_test]]
+            train_set = [train_set[i] for i in order[n_test:]]
+    if args.max_eval is not None:
+        test_set = test_set[:args.max_eval]
+    return train_set, test_set
+
+
+def _checkpoint_to_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint file --resume asks for (None for a fresh run); refuses to overwrite an earlier run."""
+    existing = checkpoint.checkpoint_files(args.output_dir) if os.path.isdir(args.output_dir) else []
+    if args.resume is None:
+        if existing or os.path.exists(os.path.join(args.output_dir, "summary.json")):
+            raise fail(f"{args.output_dir} already holds a run; pass --resume to continue it or choose "
+                       "another --output-dir")
+        return None
+    if args.resume != "latest":
+        if not os.path.isfile(args.resume):
+            raise fail(f"--resume: checkpoint not found: {args.resume}")
+        return args.resume
+    if not existing:
+        raise fail(f"--resume: no checkpoint-*.pt in {args.output_dir}")
+    return existing[-1]
+
+
+def _load_checkpoint(path: str, fingerprint: dict) -> dict:
+    """The checkpoint at ``path``, checked to come from a run with the same settings."""
+    payload = checkpoint.load(path)
+    saved = payload["extra"]["fingerprint"]
+    differs = [k for k in _FINGERPRINT if saved.get(k) != fingerprint.get(k)]
+    if differs:
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {fingerprint.get(k)!r})" for k in differs)
+        raise fail(f"{path} was written by a run with other settings: {detail}")
+    return payload
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before anything is written."""
+    source: model_io.ModelSource
+    tokenizer: object
+    style: str
+    features: list
+    dropped: int
+    test_set: list
+    setup: methods.Setup
+    scheduler: object
+    fingerprint: dict
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    base_eval: dict | None = None
+
+
+def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
+    try:
+        resume_from = _checkpoint_to_resume(args)
+        train_set, test_set = _datasets(args)
+        source = model_io.resolve(args.model)
+        print(f"lift-finetune: {args.method} on {source.name}, device {device}", flush=True)
+        model, tokenizer = model_io.load(source, device)
+        style = resolve_style(tokenizer, args.prompt_style)
+        features, dropped = encode(tokenizer, train_set, style, args.max_length)
+        per_step = args.batch_size * args.grad_accum
+        if len(features) < per_step:
+            raise fail(f"--batch-size x --grad-accum = {per_step} exceeds the {len(features)} usable training "
+                       f"examples ({dropped} had no response left within --max-length)")
+        if args.max_steps is None:
+            args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch(len(features), args.batch_size,
+                                                                             args.grad_accum)))
+        fingerprint = {k: getattr(args, k) for k in _FINGERPRINT}
+        payload = None if resume_from is None else _load_checkpoint(resume_from, fingerprint)
+        hp = methods.Hyper(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, rank=args.rank,
+                           lra_rank=args.lra_rank, update_interval=args.update_interval, seed=args.seed,
+                           target_modules=args.target_modules, svd=args.svd)
+        setup = methods.build(args.method, model, hp)
+        scheduler = schedule.build(setup.optimizer, args.schedule, schedule.warmup_steps(args.warmup, args.max_steps),
+                                   args.max_steps)
+        prep = Prepared(source, tokenizer, style, features, dropped, test_set, setup, scheduler, fingerprint)
+        if payload is not None:
+            prep.start_step = checkpoint.restore(payload, setup.model, setup.optimizer, scheduler, device)
+            prep.history, prep.base_eval = payload["extra"]["history"], payload["extra"]["base_eval"]
+        return prep
+    except (data.DataError, model_io.ModelError, methods.MethodError, checkpoint.CheckpointError) as err:
+        raise fail(str(err)) from None
+
+
+def _evaluate(phase: str, model, prep: Prepared, args: argparse.Namespace, device: torch.device) -> dict:
+    acc, records = evaluate.accuracy(model, prep.tokenizer, prep.test_set, prep.style, device,
+                                     batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+                                     bf16=args.bf16, desc=f"eval {phase}")
+    print(f"{phase} model held-out exact match: {acc:.3f} ({len(records)} examples)", flush=True)
+    return {"phase": phase, "accuracy": acc, "n": len(records), "records": records}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Fine-tune as ``args`` say; returns the summary also written to summary.json."""
+    clock = _PhaseClock()
+    device = _device(args.device)
+    _apply_device_defaults(args, device)
+    prep = _prepare(args, device)
+    clock.lap("load")
+    print(f"train: {len(prep.features)} examples ({prep.dropped} dropped), {args.max_steps} steps of "
+          f"{args.batch_size * args.grad_accum}; held-out: {len(prep.test_set)}; "
+          f"trainable entries: {prep.setup.trainable:,}", flush=True)
+    if prep.base_eval is None:  # a resumed run has it from its checkpoint
+        prep.base_eval = _evaluate("base", prep.setup.model, prep, args, device)
+    clock.lap("eval_base")
+    os.makedirs(args.output_dir, exist_ok=True)
+    loop = LoopConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
+                      max_grad_norm=args.max_grad_norm, bf16=args.bf16, seed=args.seed,
+                      save_every=args.save_every, output_dir=args.output_dir)
+    history = train(prep.setup.model, prep.setup.optimizer, prep.scheduler, prep.features, loop, device=device,
+                    pad_id=prep.tokenizer.pad_token_id, start_step=prep.start_step, history=prep.history,
+                    extra={"fingerprint": prep.fingerprint, "base_eval": prep.base_eval})
+    clock.lap("train")
+    tuned = prep.setup.export()
+    final_eval = _evaluate("fine-tuned", tuned, prep, args, device)
+    clock.lap("eval_final")
+    return _write_results(args, prep, device, clock, tuned, history, final_eval)
+
+
+class _PhaseClock:
+    """Wall seconds per phase of this session (a resumed run counts only its own)."""
+
+    def __init__(self):
+        self.began = self._last = time.time()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = round(now - self._last, 2)
+        self._last = now
+
+    def total(self) -> float:
+        return time.time() - self.began
+
+
+def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, history, final_eval) -> dict:
+    out, base_eval = args.output_dir, prep.base_eval
+    stats = save_delta(tuned, prep.setup.base, os.path.join(out, "delta.safetensors"))
+    evals = [{k: v for k, v in e.items() if k != "records"} for e in (base_eval, final_eval)]
+    report.write_metrics(os.path.join(out, "metrics.jsonl"), history, evals)
+    report.write_jsonl(os.path.join(out, "predictions.jsonl"),
+                       [{"phase": e["phase"], **r} for e in (base_eval, final_eval) for r in e["records"]])
+    report.plot_loss(os.path.join(out, "loss_curve.png"), history,
+                     f"{args.method} on {prep.source.name} (rank {args.rank})")
+    clock.lap("write")
+    peak, peak_kind = report.peak_memory(device)
+    summary = {
+        "model": prep.source.name, "method": args.method, "device": str(device),
+        "trainable_entries": prep.setup.trainable, "steps": args.max_steps, "held_out_examples": final_eval["n"],
+        "accuracy_base": base_eval["accuracy"], "accuracy_finetuned": final_eval["accuracy"],
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "wall_seconds": round(clock.total(), 2), "phase_seconds": clock.phases,
+        "delta": {"path": "delta.safetensors", "bytes": stats.file_bytes, "changed_entries": stats.entries,
+                  "tensors": stats.tensors, "model_bytes": stats.model_bytes, "ratio": stats.ratio},
+        "args": vars(args),
+    }
+    report.write_json(os.path.join(out, "summary.json"), summary)
+    phases = ", ".join(f"{k} {report.human_seconds(v)}" for k, v in clock.phases.items())
+    print(f"\nheld-out exact match: base {base_eval['accuracy']:.3f} -> fine-tuned {final_eval['accuracy']:.3f} "
+          f"({final_eval['n']} examples)\n"
+          f"peak memory: {report.human_bytes(peak)} ({peak_kind})\n"
+          f"wall time: {report.human_seconds(summary['wall_seconds'])} ({phases})\n"
+          f"delta: {os.path.join(out, 'delta.safetensors')} {report.human_bytes(stats.file_bytes)} = "
+          f"{100 * stats.ratio:.2f}% of the model's {report.human_bytes(stats.model_bytes)} "
+          f"({stats.entries:,} changed entries in {stats.tensors} tensors)\n"
+          f"metrics: {os.path.join(out, 'metrics.jsonl')}, loss curve: {os.path.join(out, 'loss_curve.png')}",
+          flush=True)
+    return summary
