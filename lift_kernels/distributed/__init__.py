@@ -1,5 +1,5 @@
 """LIFT on torch.distributed: DDP (broadcast selections, sparse gradient all-reduce) and FSDP2
-(row-sharded selection and state, sharded checkpoints). See docs/distributed.md.
+(row-sharded selection and state, sharded checkpoints). See the README, "Multi-GPU training".
 
 The optimizer imports placement and route from here, so nothing in this package imports
 lift_kernels.optim at module level, and the checkpoint functions (torch.distributed.checkpoint

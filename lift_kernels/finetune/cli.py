@@ -15,7 +15,7 @@ from .methods import METHODS
 from .schedule import SCHEDULES
 
 # Run length by device. CPU: 32 steps of 8 problems and 64 held-out problems, sized to finish well
-# under 10 minutes on a busy 2-core machine (measurements in docs/finetune.md). Accelerator: 3 epochs over the
+# under 10 minutes on a busy 2-core machine (measurements in the README). Accelerator: 3 epochs over the
 # built-in training set, as the paper's math runs, and the whole held-out set.
 CPU_DEFAULTS = {"max_steps": 32, "epochs": None, "batch_size": 8, "max_eval": 64}
 ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": None}

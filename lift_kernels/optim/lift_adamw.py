@@ -41,7 +41,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     a selecting step) keeps it for that step. ``seed`` seeds the randomized SVD and the random
     selector per (seed, weight, step), so a resumed run makes the same selections.
 
-    Multi-process runs (docs/distributed.md): weights that every rank holds whole (DDP) are selected
+    Multi-process runs (README, "Multi-GPU training"): weights that every rank holds whole (DDP) are selected
     on the first rank of ``selection_group`` ("world": the default group once torch.distributed is
     initialized; None: each rank selects alone) and broadcast; DTensor weights sharded on rows
     (FSDP2) are selected collectively, and their state (``idx`` as flat indices into the local
