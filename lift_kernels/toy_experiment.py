@@ -160,6 +160,9 @@ def main(argv=None) -> dict:
     if args.seeds < 1 or args.max_steps < 1 or args.patience < 1:
         p.error("--seeds, --max-steps and --patience must be >= 1")
     start = time.time()
+    # The matrices are tiny: one thread is fastest, and an OpenMP team spinning on shared cores
+    # made the run 10x slower next to other work.
+    torch.set_num_threads(1)
     results = run(args)
     table = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
