@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from bench_utils import (DTYPES, dense_fused_adamw_ms, environment, parser, print_table, selected_indices,
-                         settings, time_ms, weight_set, write_results)
+from bench_utils import (DTYPES, dense_fused_adamw_ms, environment, parser, peak_extra_bytes, print_table,
+                         selected_indices, settings, time_ms, weight_set, write_results)
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import remap_state as plain_torch_remap
 
@@ -24,21 +24,6 @@ DRIFT = 0.05  # noise added to W before re-selecting, relative to W's scale
 
 def remap_all(remap, olds, news, states):
     return [remap(old, new, s) for old, new, s in zip(olds, news, states)]
-
-
-def peak_extra_bytes(fn, device: str) -> int | None:
-    """Peak memory allocated while ``fn`` runs, beyond what was allocated before and what it returns."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    kept = torch.cuda.memory_allocated() - before
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak - kept
 
 
 def main() -> None:

@@ -107,6 +107,21 @@ def dense_fused_adamw_ms(params: list[torch.Tensor], grads: list[torch.Tensor], 
     return result
 
 
+def peak_extra_bytes(fn, device: str) -> int | None:
+    """Peak memory allocated while ``fn`` runs, beyond what was allocated before and what it returns."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak - kept
+
+
 def environment(device: str) -> dict:
     import triton
     return {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

@@ -7,17 +7,23 @@
 #include <string>
 #include <vector>
 
+#include "lowrank.h"
+
 TORCH_LIBRARY(lift_kernels, m) {
   // Carry per-entry state from sorted flat indices old_idx to sorted new_idx; new entries get 0.
   m.def("remap_state(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[]");
   // Sorted int32 flat indices of the k largest (or smallest) |W'| of each matrix of a batch W
   // (b, m, n), W' its rank-lra_rank approximation by an accurate randomized method seeded by `seed`.
   m.def("principal_weights(Tensor W, int k, int lra_rank, bool largest, int seed) -> Tensor");
+  // Hooks of principal_weights' two steps, for tests and benchmarks: its block Krylov factors W ~= L R
+  // of (b, m, n) W (fp32, fp64 for fp64 W), and its fused selection from given factors.
+  m.def("_lowrank(Tensor W, int rank, int seed, int passes, int oversample) -> (Tensor, Tensor)");
+  m.def("_topk_abs_product(Tensor L, Tensor R, int k, bool largest) -> Tensor");
 }
 
 namespace {
 
-const std::vector<std::string> kOps = {"remap_state", "principal_weights"};
+const std::vector<std::string> kOps = {"remap_state", "principal_weights", "_lowrank", "_topk_abs_product"};
 
 c10::DispatchKey key_for(const std::string& device) {
   if (device == "cpu") return c10::DispatchKey::CPU;
@@ -45,4 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lift_kernels native ops (registered as torch.ops.lift_kernels.*)";
   m.def("has_kernel", &has_kernel, "whether op has a kernel for device ('cpu' or 'cuda')");
   m.def("kernels", &kernels, "the op:device kernels of this build");
+  // principal_weights' built-in Krylov settings (tests check them against the Python reference's)
+  m.attr("KRYLOV_PASSES") = lift::kKrylovPasses;
+  m.attr("KRYLOV_OVERSAMPLE") = lift::kKrylovOversample;
 }

@@ -13,3 +13,19 @@ def _remap_state_fake(old_idx, new_idx, states):
 @torch.library.register_fake("lift_kernels::principal_weights")
 def _principal_weights_fake(W, k, lra_rank, largest, seed):
     return W.new_empty((W.shape[0], k), dtype=torch.int32)
+
+
+def _work_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("lift_kernels::_lowrank")
+def _lowrank_fake(W, rank, seed, passes, oversample):
+    b, m, n = W.shape
+    dtype = _work_dtype(W.dtype)
+    return W.new_empty((b, m, rank), dtype=dtype), W.new_empty((b, rank, n), dtype=dtype)
+
+
+@torch.library.register_fake("lift_kernels::_topk_abs_product")
+def _topk_abs_product_fake(L, R, k, largest):
+    return L.new_empty((L.shape[0], k), dtype=torch.int32)
