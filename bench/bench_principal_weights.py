@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench_utils import DTYPES, environment, parser, peak_extra_bytes, print_table, settings, time_ms, weight_shapes, write_results
+from bench_utils import (DTYPES, environment, parser, peak_extra_bytes, print_table, settings, time_ms, weight_shapes,
+                         write_results)
 
 import lift_kernels as lk
 

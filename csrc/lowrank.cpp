@@ -54,14 +54,24 @@ at::Tensor product(const at::Tensor& A, const at::Tensor& X) {
   return Y.narrow(-1, 0, b) + Y.narrow(-1, b, b);
 }
 
+double tiny_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+}
+
+// Y divided by its largest |entry| per matrix: products and Gram matrices of weights of any scale then
+// neither overflow nor underflow (A A^T Q scales as |A|^2), and no span or eigenvector changes.
+at::Tensor unit_scaled(const at::Tensor& Y) {
+  return Y / Y.abs().amax({-2, -1}, /*keepdim=*/true).clamp_min(tiny_of(Y));
+}
+
 // One CholeskyQR pass, projected out of span(K) first when K is given. The eps * trace shift keeps
 // Cholesky alive on numerically rank-deficient blocks without changing their span.
 at::Tensor cholqr_pass(const at::Tensor& Y0, const c10::optional<at::Tensor>& K) {
-  at::Tensor Y = K.has_value() ? Y0 - exact_mm(*K, exact_mm(K->mT(), Y0)) : Y0;
+  at::Tensor Y = unit_scaled(K.has_value() ? Y0 - exact_mm(*K, exact_mm(K->mT(), Y0)) : Y0);
   auto G = exact_mm(Y.mT(), Y);
   const bool f64 = Y.scalar_type() == at::kDouble;
   const double eps = f64 ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
-  const double tiny = f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double tiny = tiny_of(Y);
   auto shift = G.diagonal(0, -2, -1).sum(-1).mul(eps).add(tiny);
   G = G + shift.unsqueeze(-1).unsqueeze(-1) * at::eye(G.size(-1), G.options());
   auto C = std::get<0>(at::linalg_cholesky_ex(G));
@@ -127,10 +137,11 @@ std::tuple<at::Tensor, at::Tensor> fast_lowrank(const at::Tensor& W, int64_t ran
   K.narrow(-1, 0, b).copy_(orthonormalize(product(A, omega)));
   Z.narrow(-1, 0, b).copy_(product(A.mT(), K.narrow(-1, 0, b)));
   for (int64_t j = b; j < s; j += b) {
-    K.narrow(-1, j, b).copy_(orthonormalize(product(A, Z.narrow(-1, j - b, b)), K.narrow(-1, 0, j)));
+    K.narrow(-1, j, b).copy_(orthonormalize(product(A, unit_scaled(Z.narrow(-1, j - b, b))), K.narrow(-1, 0, j)));
     Z.narrow(-1, j, b).copy_(product(A.mT(), K.narrow(-1, j, b)));
   }
-  auto U = std::get<1>(at::linalg_eigh(exact_mm(Z.mT(), Z))).narrow(-1, s - rank, rank);
+  auto Zs = unit_scaled(Z);
+  auto U = std::get<1>(at::linalg_eigh(exact_mm(Zs.mT(), Zs))).narrow(-1, s - rank, rank);
   auto L = exact_mm(K, U);
   auto R = exact_mm(Z, U).mT();
   if (transposed) return {R.mT().contiguous(), L.mT().contiguous()};

@@ -25,8 +25,8 @@ void check_args(const at::Tensor& W, int64_t k, int64_t lra_rank) {
               "principal_weights: W must be float32, float64, bfloat16 or float16, got ", t);
   const int64_t m = W.size(1), n = W.size(2);
   TORCH_CHECK(k >= 0 && k <= m * n, "principal_weights: k must be in [0, m*n] = [0, ", m * n, "], got ", k);
-  TORCH_CHECK(lra_rank >= 1 && lra_rank <= std::min(m, n), "principal_weights: lra_rank must be in [1, min(m, n)] = [1, ",
-              std::min(m, n), "], got ", lra_rank);
+  TORCH_CHECK(lra_rank >= 1 && lra_rank <= std::min(m, n),
+              "principal_weights: lra_rank must be in [1, min(m, n)] = [1, ", std::min(m, n), "], got ", lra_rank);
   TORCH_CHECK(m * n <= std::numeric_limits<int32_t>::max(), "principal_weights: W's m*n must fit int32 indices, got ",
               m, "x", n);
 }

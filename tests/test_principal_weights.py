@@ -43,7 +43,8 @@ def _integer_factors(b, m, n, r, device, dtype=torch.float32, seed=0):
 
 def _low_rank_plus_noise(b, m, n, r, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, m, r, generator=g) @ torch.randn(b, r, n, generator=g) + 0.05 * torch.randn(b, m, n, generator=g)
+    signal = torch.randn(b, m, r, generator=g) @ torch.randn(b, r, n, generator=g)
+    return signal + 0.05 * torch.randn(b, m, n, generator=g)
 
 
 def _assert_is_selection(idx, b, k, m, n):
@@ -150,7 +151,8 @@ def test_seed_reproduces_the_selection(device):
     assert not torch.equal(La, Lb), "the seed must reach the random start"
     # through the public API, the generator's state picks the seed
     g1, g2 = (torch.Generator().manual_seed(9) for _ in range(2))
-    assert torch.equal(lk.principal_weights(W[0], 4000, 2, generator=g1), lk.principal_weights(W[0], 4000, 2, generator=g2))
+    assert torch.equal(lk.principal_weights(W[0], 4000, 2, generator=g1),
+                       lk.principal_weights(W[0], 4000, 2, generator=g2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -172,7 +174,8 @@ def test_principal_weights_on_odd_sizes_and_batches(device, b, m, n, r, largest)
 def test_input_dtypes(device):
     W = _low_rank_plus_noise(2, 640, 350, 4, 7).to(device)
     k = 20000
-    by_dtype = {dt: ops.principal_weights(W.to(dt), k, 4, True, 1) for dt in (torch.float32, torch.float64, torch.bfloat16)}
+    by_dtype = {dt: ops.principal_weights(W.to(dt), k, 4, True, 1)
+                for dt in (torch.float32, torch.float64, torch.bfloat16)}
     for idx in by_dtype.values():
         _assert_is_selection(idx, 2, k, 640, 350)
     # bf16 weights are computed from their exact values; fp32 and fp64 see the same matrix
@@ -184,6 +187,27 @@ def test_input_dtypes(device):
         assert torch.equal(by_dtype[torch.bfloat16], bf16_as_fp32)
     else:  # the GPU reads them as bf16 (split basis, 2^-16) vs TF32 for the fp32 copy
         assert agree(by_dtype[torch.bfloat16], bf16_as_fp32) >= floor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_does_not_depend_on_the_scale_of_w(device):
+    # Krylov products scale as |W|^2: unscaled, 2^+-100 would overflow or underflow fp32.
+    W = _low_rank_plus_noise(1, 700, 400, 4, 9).to(device)
+    idx = ops.principal_weights(W, 5000, 4, True, 2)
+    for scale in (2.0**-100, 2.0**100):  # powers of two: every intermediate scales exactly
+        assert torch.equal(ops.principal_weights(W * scale, 5000, 4, True, 2), idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_matrices(device):
+    zeros = torch.zeros(2, 700, 400, device=device)  # every entry ties: the lowest indices win
+    first = torch.arange(50, dtype=torch.int32).expand(2, -1)
+    assert torch.equal(ops.principal_weights(zeros, 50, 4, True, 0).cpu(), first)
+    g = torch.Generator().manual_seed(10)
+    rank1 = torch.randn(2, 700, 1, generator=g) @ torch.randn(2, 1, 400, generator=g)  # Krylov space exhausted
+    idx = ops.principal_weights(rank1.to(device), 5000, 4, True, 0).cpu()
+    exact = lk.principal_weights(rank1, 5000, 1, svd="exact")
+    assert torch.isin(idx, exact).float().mean(1).min() >= _agreement_floor(device, torch.float32)
 
 
 @pytest.mark.parametrize("args,match", [

@@ -71,12 +71,19 @@ def _cholqr_pass(Y: Tensor, K: Tensor | None) -> Tensor:
     """
     if K is not None:
         Y = Y - K @ (K.mT @ Y)
+    Y = _unit_scaled(Y)
     G = Y.mT @ Y
     eps = torch.finfo(Y.dtype).eps
     shift = eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(Y.dtype).tiny
     G = G + shift[..., None, None] * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     C = torch.linalg.cholesky_ex(G).L
     return torch.linalg.solve_triangular(C.mT, Y, upper=True, left=False)
+
+
+def _unit_scaled(Y: Tensor) -> Tensor:
+    """Y divided by its largest |entry| per matrix: products and Gram matrices of weights of any scale
+    then neither overflow nor underflow (A A^T Q scales as |A|^2), and no span or eigenvector changes."""
+    return Y / Y.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
 
 
 def _orthonormalize(Y: Tensor, K: Tensor | None = None) -> Tensor:
@@ -117,8 +124,9 @@ def fast_lowrank(
     K[..., :b] = _orthonormalize(A @ omega)
     Z[..., :b] = A.mT @ K[..., :b]
     for j in range(b, s, b):
-        K[..., j:j + b] = _orthonormalize(A @ Z[..., j - b:j], K[..., :j])
+        K[..., j:j + b] = _orthonormalize(A @ _unit_scaled(Z[..., j - b:j]), K[..., :j])
         Z[..., j:j + b] = A.mT @ K[..., j:j + b]
-    U = torch.linalg.eigh(Z.mT @ Z).eigenvectors[..., s - rank:]  # ascending: the top rank are last
+    Zs = _unit_scaled(Z)
+    U = torch.linalg.eigh(Zs.mT @ Zs).eigenvectors[..., s - rank:]  # ascending: the top rank are last
     L, R = K @ U, (Z @ U).mT
     return (R.mT, L.mT) if m > n else (L, R)
