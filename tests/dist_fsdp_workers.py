@@ -140,11 +140,17 @@ def sharded_selection(rank, world, out_path):
     g = torch.Generator().manual_seed(3)
     ties = torch.randint(-3, 4, (29, 17), generator=g).float()  # many equal |w| across row blocks
     W = torch.randn(96, 64, generator=g) @ torch.diag(torch.linspace(2, 0.1, 64))
+    # wide enough for the block Krylov path (not the exact fallback), split basis and split sketch
+    tall = torch.randn(700, 3, generator=g) @ torch.randn(3, 400, generator=g)
+    tall += 0.05 * torch.randn(700, 400, generator=g)
     report = {}
     for name, M, kw in (("ties_magnitude", ties, dict(selector="magnitude", rank=3)),
                         ("ties_smallest", ties, dict(selector="magnitude", rank=3, largest=False)),
                         ("fast", W, dict(selector="lift", svd="fast", density=0.05, lra_rank=6)),
-                        ("exact", W, dict(selector="lift", svd="exact", density=0.05, lra_rank=6))):
+                        ("exact", W, dict(selector="lift", svd="exact", density=0.05, lra_rank=6)),
+                        ("fast_krylov_tall", tall, dict(selector="lift", svd="fast", density=0.05, lra_rank=2)),
+                        ("fast_krylov_wide", tall.T.contiguous(), dict(selector="lift", svd="fast", density=0.05,
+                                                                     lra_rank=2))):
         p = torch.nn.Parameter(distribute_tensor(M.clone(), mesh, [Shard(0)]))
         q = torch.nn.Parameter(M.clone())
         opts = [lk.LIFTAdamW([x], seed=5, **kw) for x in (p, q)]

@@ -62,7 +62,33 @@ def krylov_width(rank: int, passes: int, oversample: int) -> int:
     return (passes // 2) * (rank + oversample)
 
 
-def _cholqr_pass(Y: Tensor, K: Tensor | None) -> Tensor:
+class WholeDim:
+    """Sums and maxima over one dimension of W when this process holds all of it (the identity).
+
+    The row-sharded (FSDP) selection passes an all-reducing twin for the dimension split over ranks,
+    so it runs this very algorithm on its rows (lift_kernels/distributed/sharded_lowrank.py).
+    """
+
+    @staticmethod
+    def sum(t: Tensor) -> Tensor:
+        return t
+
+    @staticmethod
+    def max(t: Tensor) -> Tensor:
+        return t
+
+
+WHOLE = WholeDim()
+
+
+def _unit_scaled(Y: Tensor, dim=WHOLE) -> Tensor:
+    """Y divided by its largest |entry| per matrix: products and Gram matrices of weights of any scale
+    then neither overflow nor underflow (A A^T Q scales as |A|^2), and no span or eigenvector changes."""
+    amax = dim.max(Y.abs().amax(dim=(-2, -1), keepdim=True))
+    return Y / amax.clamp_min(torch.finfo(Y.dtype).tiny)
+
+
+def _cholqr_pass(Y: Tensor, K: Tensor | None, dim=WHOLE) -> Tensor:
     """One CholeskyQR pass of Y (.., d, b), first projected out of span(K) when K is given.
 
     The Gram matrix gets a shift of eps * trace: Cholesky then succeeds even when Y is numerically
@@ -70,9 +96,9 @@ def _cholqr_pass(Y: Tensor, K: Tensor | None) -> Tensor:
     the second pass restores orthonormality to about eps * b.
     """
     if K is not None:
-        Y = Y - K @ (K.mT @ Y)
-    Y = _unit_scaled(Y)
-    G = Y.mT @ Y
+        Y = Y - K @ dim.sum(K.mT @ Y)
+    Y = _unit_scaled(Y, dim)
+    G = dim.sum(Y.mT @ Y)
     eps = torch.finfo(Y.dtype).eps
     shift = eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(Y.dtype).tiny
     G = G + shift[..., None, None] * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
@@ -80,15 +106,31 @@ def _cholqr_pass(Y: Tensor, K: Tensor | None) -> Tensor:
     return torch.linalg.solve_triangular(C.mT, Y, upper=True, left=False)
 
 
-def _unit_scaled(Y: Tensor) -> Tensor:
-    """Y divided by its largest |entry| per matrix: products and Gram matrices of weights of any scale
-    then neither overflow nor underflow (A A^T Q scales as |A|^2), and no span or eigenvector changes."""
-    return Y / Y.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
-
-
-def _orthonormalize(Y: Tensor, K: Tensor | None = None) -> Tensor:
+def _orthonormalize(Y: Tensor, K: Tensor | None = None, dim=WHOLE) -> Tensor:
     """CholeskyQR2 (block classical Gram-Schmidt twice when K is given): GEMMs and a small Cholesky."""
-    return _cholqr_pass(_cholqr_pass(Y, K), K)
+    return _cholqr_pass(_cholqr_pass(Y, K, dim), K, dim)
+
+
+def block_krylov(A: Tensor, omega: Tensor, rank: int, width: int, rows=WHOLE, cols=WHOLE) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors (L, R) of A (.., d, D) from the block Krylov space of A A^T started at A Omega.
+
+    Blocks Q_0 = orth(A Omega), Q_j = orth(A Z_{j-1} against Q_0..Q_{j-1}) with Z_j = A^T Q_j fill
+    ``width`` columns of the basis K; the Z_j are kept, so B = K^T A = Z^T costs no extra pass. The
+    top-``rank`` eigenvectors U of Z^T Z (Rayleigh-Ritz) give A_r = (K U)(Z U)^T. ``rows`` and
+    ``cols`` take the sums and maxima over d and D (see WholeDim); A and Omega (.., D, b) are this
+    process's blocks of them.
+    """
+    b = omega.shape[-1]
+    K = A.new_empty(*A.shape[:-2], A.shape[-2], width)
+    Z = A.new_empty(*A.shape[:-2], A.shape[-1], width)
+    K[..., :b] = _orthonormalize(cols.sum(A @ omega), None, rows)
+    Z[..., :b] = rows.sum(A.mT @ K[..., :b])
+    for j in range(b, width, b):
+        K[..., j:j + b] = _orthonormalize(cols.sum(A @ _unit_scaled(Z[..., j - b:j], cols)), K[..., :j], rows)
+        Z[..., j:j + b] = rows.sum(A.mT @ K[..., j:j + b])
+    Zs = _unit_scaled(Z, cols)
+    U = torch.linalg.eigh(cols.sum(Zs.mT @ Zs)).eigenvectors[..., width - rank:]  # ascending: top last
+    return K @ U, (Z @ U).mT
 
 
 def fast_lowrank(
@@ -99,14 +141,12 @@ def fast_lowrank(
     oversample: int = DEFAULT_OVERSAMPLE,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Rank-``rank`` factors of ``W`` (m, n) or (b, m, n) by randomized block Krylov.
+    """Rank-``rank`` factors of ``W`` (m, n) or (b, m, n) by randomized block Krylov (block_krylov).
 
-    With A = W (or W^T when m > n, so the basis lives on the short side d = min(m, n)), blocks
-    Q_0 = orth(A Omega), Q_j = orth(A Z_{j-1} against Q_0..Q_{j-1}) with Z_j = A^T Q_j span the Krylov
-    space K; the Z_j are kept, so B = K^T A = Z^T costs no extra pass. The top-``rank`` eigenvectors U
-    of Z^T Z (Rayleigh-Ritz) give A_r = (K U)(Z U)^T. Omega (D x b, Gaussian) is drawn from
-    ``generator`` on its device (the C++ op draws the same numbers from a CPU generator seeded the
-    same way). When the Krylov space would be as wide as the matrix, the exact SVD is returned.
+    The basis lives on the short side: A = W, or W^T when m > n. Omega (D x (rank + oversample),
+    Gaussian) is drawn from ``generator`` on its device (the C++ op draws the same numbers from a CPU
+    generator seeded the same way). When the Krylov space would be as wide as the matrix, the exact
+    SVD is returned.
     """
     m, n = W.shape[-2:]
     s = krylov_width(rank, passes, oversample)
@@ -115,18 +155,12 @@ def fast_lowrank(
     A = W.to(_work_dtype(W))
     if m > n:
         A = A.mT
-    d, D = A.shape[-2:]
-    b = rank + oversample
-    device = generator.device if generator is not None else A.device
-    omega = torch.randn(*A.shape[:-2], D, b, generator=generator, dtype=A.dtype, device=device).to(A.device)
-    K = A.new_empty(*A.shape[:-2], d, s)
-    Z = A.new_empty(*A.shape[:-2], D, s)
-    K[..., :b] = _orthonormalize(A @ omega)
-    Z[..., :b] = A.mT @ K[..., :b]
-    for j in range(b, s, b):
-        K[..., j:j + b] = _orthonormalize(A @ _unit_scaled(Z[..., j - b:j]), K[..., :j])
-        Z[..., j:j + b] = A.mT @ K[..., j:j + b]
-    Zs = _unit_scaled(Z)
-    U = torch.linalg.eigh(Zs.mT @ Zs).eigenvectors[..., s - rank:]  # ascending: the top rank are last
-    L, R = K @ U, (Z @ U).mT
+    omega = sketch(A.shape[:-2], A.shape[-1], rank + oversample, A, generator)
+    L, R = block_krylov(A, omega, rank, s)
     return (R.mT, L.mT) if m > n else (L, R)
+
+
+def sketch(batch: torch.Size, rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Gaussian (.., rows, cols) in ``like``'s dtype on its device, drawn on ``generator``'s device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(*batch, rows, cols, generator=generator, dtype=like.dtype, device=device).to(like.device)
