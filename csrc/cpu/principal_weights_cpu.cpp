@@ -1,6 +1,6 @@
 // principal_weights on the CPU: the shared driver (../principal_weights.h) with a fused top-k of
-// |L R| that recomputes each row of L R in every radix pass (r multiply-adds per entry) instead of
-// storing the m x n product. Rows are split over threads with at::parallel_for.
+// |L R| that recomputes L R in every radix pass, a tile of rows per GEMM (r multiply-adds per
+// entry), instead of storing the m x n product. Tiles are split over threads with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -33,7 +33,7 @@ struct Factors {
 // fixed by the shapes alone, so every pass computes every entry with the same GEMM call and sees
 // the same value.
 template <typename scalar_t, typename Fn>
-void over_row_chunks(const Factors<scalar_t>& F, Fn&& fn) {
+void over_row_tiles(const Factors<scalar_t>& F, Fn&& fn) {
   const int64_t tiles = (F.m + F.tile_rows - 1) / F.tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor buf = at::empty({F.tile_rows, F.n}, F.L.options());
@@ -51,7 +51,7 @@ template <typename scalar_t>
 void histogram_digit(const Factors<scalar_t>& F, int p, const radix::State& st, bool largest,
                      std::vector<int64_t>& hist) {
   std::mutex mu;
-  over_row_chunks(F, [&](int64_t begin, int64_t end, auto&& row_of) {
+  over_row_tiles(F, [&](int64_t begin, int64_t end, auto&& row_of) {
     std::vector<int64_t> local(radix::kBins, 0);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = row_of(i);
@@ -82,7 +82,7 @@ void select_matrix(const Factors<scalar_t>& F, int64_t k, bool largest, int32_t*
   const at::Tensor ties = at::empty({1, F.m}, at::kLong);
   int64_t* above_p = above.data_ptr<int64_t>();
   int64_t* ties_p = ties.data_ptr<int64_t>();
-  over_row_chunks(F, [&](int64_t begin, int64_t end, auto&& row_of) {
+  over_row_tiles(F, [&](int64_t begin, int64_t end, auto&& row_of) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = row_of(i);
       int64_t a = 0, t = 0;
@@ -100,7 +100,7 @@ void select_matrix(const Factors<scalar_t>& F, int64_t k, bool largest, int32_t*
   std::tie(offsets, ties_before) = row_output_offsets(above, ties, at::full({1}, st.k_rem, at::kLong));
   const int64_t* offset_p = offsets.data_ptr<int64_t>();
   const int64_t* tie_p = ties_before.data_ptr<int64_t>();
-  over_row_chunks(F, [&](int64_t begin, int64_t end, auto&& row_of) {
+  over_row_tiles(F, [&](int64_t begin, int64_t end, auto&& row_of) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = row_of(i);
       const int64_t begin_pos = offset_p[i], end_pos = i + 1 < F.m ? offset_p[i + 1] : k;
