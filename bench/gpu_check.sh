@@ -27,7 +27,15 @@ if [ "${BENCH_ONLY:-0}" != 1 ]; then
 fi
 for bench in bench/bench_*.py; do
   name=$(basename "$bench" .py)
+  [ "$name" = bench_utils ] && continue
   echo "== $name"
   python3 "$bench" --out "$OUT/${name#bench_}.json" 2>&1 | tee "$OUT/${name#bench_}.log" | tail -40 || status=1
 done
+# The SmolLM2 reproductions of the fine-tuning issue take longer: REPRO=1 adds them (each writes
+# JSON, tables and plots under $OUT/finetune/).
+if [ "${REPRO:-0}" = 1 ]; then
+  for script in finetune_noise_perturbation finetune_learning_forgetting finetune_lra_rank_grid; do
+    python3 "bench/$script.py" --out "$OUT/finetune/${script#finetune_}" 2>&1 | tail -20 || status=1
+  done
+fi
 exit $status
