@@ -108,7 +108,8 @@ def choose(op: str, device_type: str) -> tuple[str, str]:
         if why is None:
             note = f" ({'; '.join(skipped)})" if skipped else ""
             prefix = f"LIFT_BACKEND={forced} has no {op}; " if forced else ""
-            return backend, f"{prefix}default for {device_type}{note}"
+            what = f": lift_kernels._C's {'C++' if device_type == 'cpu' else 'CUDA'} kernel" if backend == "cuda" else ""
+            return backend, f"{prefix}default for {device_type}{what}{note}"
         skipped.append(f"{backend}: {why}")
     raise AssertionError("reference is always available")  # pragma: no cover
 
