@@ -26,13 +26,15 @@ def native_extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the C++ standard the installed torch's headers
+    # require (C++17 up to 2.12, C++20 from 2.13; >= 2.14 refuses anything older than C++20).
+    cxx = ["-O3"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("LIFT_NO_CUDA", "0") != "1")
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
         ext = CUDAExtension("lift_kernels._C", sources, define_macros=[("LIFT_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
     else:
         print("lift_kernels: building the CPU kernels only "
               f"(torch CUDA: {torch.version.cuda}, CUDA_HOME: {CUDA_HOME})")
