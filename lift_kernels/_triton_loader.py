@@ -18,10 +18,16 @@ from types import ModuleType
 def triton_usable() -> tuple[bool, str]:
     """Whether Triton kernels can run here, and why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return False, f"triton is not installed ({exc})"
-    return True, "triton importable"
+    if getattr(triton, "__file__", None) is None or not hasattr(triton, "jit"):
+        # A folder named triton/ without __init__.py on sys.path (e.g. this repository's root as the
+        # working directory of `python -m`/`-c`) imports as an empty namespace package.
+        where = list(getattr(triton, "__path__", []))
+        return False, (f"`import triton` found a folder, not the Triton package ({where}); run from "
+                       "another directory or install triton")
+    return True, f"triton {getattr(triton, '__version__', '?')} importable"
 
 
 def interpreting() -> bool:

@@ -120,7 +120,20 @@ def _reexec_with_passive_openmp(argv: list[str]) -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.execv(sys.executable, [sys.executable, "-m", "lift_kernels.finetune", *argv])
+    os.execv(sys.executable, reexec_command(argv))
+
+
+# The restart must not put the working directory on sys.path (as `python -m` would): from a source
+# checkout's root, its top-level triton/ folder would be imported as a namespace package named
+# `triton` (transformers then believes Triton is installed and its model imports fail), and its
+# lift_kernels/ folder would shadow the installed package. `-c` puts '' first; the code drops it.
+_SAFE_PATH = "import sys; sys.path.pop(0); "
+
+
+def reexec_command(argv: list[str]) -> list[str]:
+    """The command line that restarts `lift-finetune` with ``argv``, without the working directory."""
+    code = _SAFE_PATH + "from lift_kernels.finetune.cli import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *argv]
 
 
 def main(argv: list[str] | None = None) -> int:

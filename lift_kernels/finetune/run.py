@@ -127,12 +127,26 @@ class Prepared:
     base_eval: dict | None = None
 
 
+def _kernels_line(device: torch.device) -> str:
+    """Which lift_kernels build runs: a user (and CI) sees at once whether the compiled extension loaded."""
+    from .. import info
+
+    facts = info()
+    ext = facts["extension"]
+    built = "compiled extension loaded" if ext["loaded"] else f"compiled extension NOT loaded: {ext['error']}"
+    ops = facts["ops"]
+    where = device.type if device.type in ops["sparse_adamw_step"] else "cpu"
+    used = ", ".join(f"{op} {ops[op][where]['backend']}" for op in ops)
+    return f"lift_kernels {facts['version']} ({built}); backends on {where}: {used}"
+
+
 def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
     try:
         resume_from = _checkpoint_to_resume(args)
         train_set, test_set = _datasets(args)
         source = model_io.resolve(args.model)
         print(f"lift-finetune: {args.method} on {source.name}, device {device}", flush=True)
+        print(f"lift-finetune: {_kernels_line(device)}", flush=True)
         model, tokenizer = model_io.load(source, device)
         style = resolve_style(tokenizer, args.prompt_style)
         features, dropped = encode(tokenizer, train_set, style, args.max_length)
