@@ -49,6 +49,9 @@ def _nvrtc_from_wheel() -> list[str]:
 
 
 def _configure(build: Path, *extra: str) -> list[dict]:
+    if torch.version.cuda is not None and _cuda_home() is not None:
+        # find_package(Torch) of a CUDA torch looks for the toolkit even for a CPU-only build.
+        extra = (f"-DCUDA_TOOLKIT_ROOT_DIR={_cuda_home()}", *_nvrtc_from_wheel(), *extra)
     _run(["cmake", "-S", ROOT, "-B", build, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
           f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
           "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", *extra])
@@ -76,8 +79,7 @@ def test_cmake_cuda_build_honours_the_arch_list(tmp_path):
     env_arch = os.environ.pop("TORCH_CUDA_ARCH_LIST", None)  # the option must win over the environment
     try:
         commands = _configure(build, "-DLIFT_WITH_CUDA=ON", "-DLIFT_CUDA_ARCHITECTURES=9.0",
-                              f"-DCMAKE_CUDA_COMPILER={_cuda_home()}/bin/nvcc",
-                              f"-DCUDA_TOOLKIT_ROOT_DIR={_cuda_home()}", *_nvrtc_from_wheel())
+                              f"-DCMAKE_CUDA_COMPILER={_cuda_home()}/bin/nvcc")
     finally:
         if env_arch is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = env_arch
