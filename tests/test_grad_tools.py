@@ -84,6 +84,7 @@ DISCARDS = {
     "p.grad = None": lambda model, opt: [setattr(p, "grad", None) for p in model.parameters()],
     "opt.zero_grad()": lambda model, opt: opt.zero_grad(),
     "zero_grad(set_to_none=False)": lambda model, opt: model.zero_grad(set_to_none=False),
+    "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
 }
 
 

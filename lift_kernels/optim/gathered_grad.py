@@ -30,7 +30,8 @@ _FOREACH_OK = {aten._foreach_mul_.Scalar, aten._foreach_mul_.Tensor, aten._forea
                aten._foreach_div_.ScalarList, aten._foreach_zero_.default,
                aten._foreach_clamp_min_.Scalar, aten._foreach_clamp_max_.Scalar,
                aten._foreach_norm.Scalar, aten._amp_foreach_non_finite_check_and_unscale_.default}
-_NORMS = {aten.linalg_vector_norm.default, aten.norm.Scalar, aten.norm.ScalarOpt_dim}
+# Whole-tensor reductions that ignore zeros: exact over the k values.
+_NORMS = {aten.linalg_vector_norm.default, aten.norm.Scalar, aten.norm.ScalarOpt_dim, aten.sum.default}
 
 
 class GatheredGrad(Tensor):

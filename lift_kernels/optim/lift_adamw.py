@@ -226,9 +226,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         """Clip, like torch.nn.utils.clip_grad_norm_, the gradient this optimizer is about to apply.
 
         The norm is taken over the selected entries of every LIFT weight (gathered or dense) and all
-        entries of dense parameters, so it is the same in sparse- and dense-gradient mode; with
-        density=1 it equals torch's clip_grad_norm_ over all gradients. Weights due for selection are
-        selected first (with the same result step() would get). Returns the total norm.
+        entries of dense parameters, so it is the same in sparse- and dense-gradient mode, and the
+        same as torch's clip_grad_norm_ over the parameters' p.grad (which the hooks gather or mask
+        to the selection) except for selector="gradient" on a selecting step, where p.grad is still
+        whole. Weights due for selection are selected first (with the same result step() would
+        get). Returns the total norm.
         """
         parts, scaled, shard_groups = [], [], []
         for group in self.param_groups:
