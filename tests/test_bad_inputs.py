@@ -136,3 +136,12 @@ def test_inf_gradient_with_clipping_matches_torch_without_skip():
     opt.step()
     ref.step()
     assert torch.equal(torch.isnan(W), torch.isnan(V)) and int(torch.isnan(W).sum()) == 1
+
+
+def test_refused_param_group_leaves_the_optimizer_as_it_was():
+    W, V = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(8, 12))
+    opt = lk.LIFTAdamW([W], lra_rank=2)
+    with pytest.raises(ValueError, match="lr must be >= 0 and finite"):
+        opt.add_param_group({"params": [V], "lr": float("nan")})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [V]})  # and the weight can still be added correctly

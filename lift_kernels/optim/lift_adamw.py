@@ -87,13 +87,17 @@ class LIFTAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group)
         names = group.get("param_names") or [None] * len(group["params"])
         gi = len(self.param_groups) - 1
         lift = [(p, name or f"param_groups[{gi}]['params'][{i}]")
                 for i, (p, name) in enumerate(zip(group["params"], names)) if self._is_lift(group, p)]
-        for p, name in lift:  # everything checked before any hook is installed
-            check_lift_param(p, name, group, self.sparse_grad)
+        try:  # everything checked before any hook is installed
+            check_hyperparameters(group)
+            for p, name in lift:
+                check_lift_param(p, name, group, self.sparse_grad)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
         for p, _ in lift:
             if p.requires_grad:
                 grad_hooks.install(self, p, self._hooks)
@@ -125,9 +129,6 @@ class LIFTAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- gradients
     def _has_grad(self, p: Tensor) -> bool:
         return p.grad is not None or p in self._sparse_grads
-
-    def _distributed(self, p: Tensor) -> bool:
-        return is_dtensor(p) or replica_group(self.selection_group) is not None
 
     @torch.no_grad()
     def _before_accumulate(self, p: Tensor) -> None:
