@@ -79,3 +79,16 @@ def test_rebuilt_optimizer_trains_like_a_first_one(sparse):
     assert not first.state  # the older optimizer's hooks stood aside
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_constructor_that_fails_halfway_leaves_the_working_optimizer_in_charge():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = lk.LIFTAdamW(model.parameters(), sparse_grad=True, **KW)
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        lk.LIFTAdamW([{"params": [model.up.weight]}, {"params": [model.down.weight], "rank": 0}],
+                     sparse_grad=True, **{k: v for k, v in KW.items() if k != "rank"})
+    x, y = make_batch()
+    _backward(model, x, y)
+    assert type(model.up.weight.grad).__name__ == "GatheredGrad"  # opt's hooks still act
+    opt.step()

@@ -23,10 +23,16 @@ def owner(p: Tensor):
     return ref() if ref is not None else None
 
 
+def claim(opt, p: Tensor) -> None:
+    """Make ``opt``'s hooks the ones that act on ``p`` (called once opt is fully built, so that a
+    constructor that raises halfway leaves the previous optimizer in charge)."""
+    _OWNER[p] = weakref.ref(opt)
+
+
 def install(opt, p: Tensor, handles: list) -> None:
-    """Hook ``p`` for ``opt``: ``opt._before_accumulate(p)`` and ``opt._after_accumulate(p)``."""
+    """Hook ``p`` for ``opt``: ``opt._before_accumulate(p)`` and ``opt._after_accumulate(p)``; they
+    act once ``claim(opt, p)`` has been called."""
     opt_ref, p_ref = weakref.ref(opt), weakref.ref(p)
-    _OWNER[p] = opt_ref
 
     def acting():
         o, q = opt_ref(), p_ref()

@@ -81,7 +81,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._sparse_grads: dict[Tensor, Tensor] = {}
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
+        self._built = False
         super().__init__(params, defaults)
+        self._built = True
+        for p in self.lift_parameters():
+            grad_hooks.claim(self, p)
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -101,6 +105,8 @@ class LIFTAdamW(torch.optim.Optimizer):
         for p, _ in lift:
             if p.requires_grad:
                 grad_hooks.install(self, p, self._hooks)
+                if self._built:  # a group added later; __init__ claims its groups' weights at its end
+                    grad_hooks.claim(self, p)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
