@@ -98,3 +98,50 @@ def test_accelerate_loop_with_accumulation_and_clipping():
     ref = run(lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **hp))
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_plain_trainer_clips_like_lift_trainer(tmp_path, sparse):
+    """Trainer's max_grad_norm (torch's clip_grad_norm_ through accelerate) clips the gradient the
+    step applies, in both modes: the same trajectory and logged norms as LIFTTrainer."""
+    runs = []
+    for cls, sparse_grad in ((transformers.Trainer, sparse), (lk.integrations.hf.LIFTTrainer, False)):
+        model = tiny_llama()
+        opt = lk.LIFTAdamW(lk.lift_param_groups(model, train_other=True), lr=1e-2, rank=2, lra_rank=4,
+                           update_interval=3, sparse_grad=sparse_grad)
+        losses, trainer = train_with_trainer(model, opt, tmp_path / f"{cls.__name__}{sparse_grad}", cls,
+                                             max_grad_norm=0.05)
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        runs.append((model, losses, norms))
+    (model, losses, norms), (ref_model, ref_losses, ref_norms) = runs
+    assert min(ref_norms) > 0.05, "clipping must be exercised"
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_accelerate_clip_in_sparse_mode_equals_opt_clip():
+    from accelerate import Accelerator
+
+    def run(sparse, clip):
+        model = tiny_llama()
+        opt = lk.LIFTAdamW(lk.lift_param_groups(model), lr=1e-2, rank=2, lra_rank=4, sparse_grad=sparse)
+        acc = Accelerator(gradient_accumulation_steps=2, cpu=True)
+        model, prepared = acc.prepare(model, opt)
+        data, norms = dataset(), []
+        for i in range(0, len(data), 2):
+            with acc.accumulate(model):
+                acc.backward(model(**transformers.default_data_collator(data[i:i + 2])).loss)
+                if acc.sync_gradients:
+                    norms.append(float(clip(acc, model, opt)))
+                prepared.step()
+                prepared.zero_grad()
+        return model, norms
+
+    model, norms = run(True, lambda acc, model, opt: acc.clip_grad_norm_(model.parameters(), 0.05))
+    ref, ref_norms = run(False, lambda acc, model, opt: opt.clip_grad_norm_(0.05))
+    assert min(ref_norms) > 0.05
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

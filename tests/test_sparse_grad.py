@@ -6,6 +6,7 @@ import torch
 
 import lift_kernels as lk
 from helpers import TinyMLP, make_batch
+from lift_kernels.optim.gathered_grad import GatheredGrad
 
 
 def _train(model, opt, batches, micro=3, clip=None):
@@ -48,13 +49,14 @@ def test_backward_frees_dense_gradients_of_lift_weights():
     x, y = make_batch()
     for _ in range(2):
         torch.nn.functional.mse_loss(model(x), y).backward()
-        assert model.up.weight.grad is None and model.down.weight.grad is None
-        assert model.up.bias.grad is not None  # dense parameters keep theirs
-        buf = opt._sparse_grads[model.up.weight]
-        assert buf.dtype == torch.float32 and buf.numel() == opt.state[model.up.weight]["idx"].numel()
+        for w in (model.up.weight, model.down.weight):  # p.grad holds only the k gathered entries
+            assert isinstance(w.grad, GatheredGrad) and w.grad.shape == w.shape
+            assert w.grad.values.dtype == torch.float32
+            assert w.grad.values.numel() == opt.state[w]["idx"].numel() < w.numel()
+        assert type(model.up.bias.grad) is torch.Tensor  # dense parameters keep theirs
         opt.step()
         opt.zero_grad()
-        assert not opt._sparse_grads
+        assert model.up.weight.grad is None
 
 
 def test_gradient_selector_keeps_dense_grad_only_on_selecting_steps():
@@ -65,7 +67,7 @@ def test_gradient_selector_keeps_dense_grad_only_on_selecting_steps():
     kept = []
     for _ in range(4):
         torch.nn.functional.mse_loss(model(x), y).backward()
-        kept.append(model.up.weight.grad is not None)
+        kept.append(type(model.up.weight.grad) is torch.Tensor)  # dense, not a GatheredGrad
         opt.step()
         opt.zero_grad()
     assert kept == [True, True, False, True]  # selections before steps 1, 2 and 4 (t % 2 == 0)
@@ -114,11 +116,36 @@ def test_grad_scaler_in_dense_mode_unscales_and_skips_inf():
     assert scaler.get_scale() < scale
 
 
-def test_grad_scaler_with_sparse_grads_is_refused_clearly():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_grad_scaler_unscales_and_skips_inf_in_both_modes(sparse):
+    torch.manual_seed(0)
     model = TinyMLP()
-    opt = lk.LIFTAdamW(model.parameters(), rank=2, lra_rank=3, sparse_grad=True)
-    scaler = torch.amp.GradScaler("cpu")
+    twin = copy.deepcopy(model)
+    kw = dict(lr=1e-2, rank=2, lra_rank=3, update_interval=2)
+    opt = lk.LIFTAdamW(model.parameters(), sparse_grad=sparse, **kw)
+    opt_plain = lk.LIFTAdamW(twin.parameters(), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = make_batch()
-    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
-    with pytest.raises(NotImplementedError, match="sparse_grad=True.*bf16 autocast"):
+    for _ in range(3):
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.unscale_(opt)
+        opt.clip_grad_norm_(0.05)
         scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        opt_plain.clip_grad_norm_(0.05)
+        opt_plain.step()
+        opt_plain.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = opt.state[model.up.weight]["step"]
+    model.up.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()  # an overflowed gradient
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.state[model.up.weight]["step"] == steps
+    assert scaler.get_scale() < scale

@@ -83,7 +83,10 @@ def train(model: nn.Module, optimizer, scheduler, features: list[Features], cfg:
             total += loss.item()
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            # LIFTAdamW clips the gradient it applies (README, "Memory modes"); other methods all of it.
+            clip = getattr(optimizer, "clip_grad_norm_", None)
+            grad_norm = float(clip(cfg.max_grad_norm) if clip is not None
+                              else torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

@@ -1,13 +1,15 @@
 """Hugging Face Trainer with LIFTAdamW.
 
-``transformers.Trainer(model, args, optimizers=(LIFTAdamW(...), scheduler))`` works as it is when
-LIFTAdamW keeps dense gradients (the default): gradient accumulation, clipping and schedulers go
-through the usual paths, and clipping takes the norm of the whole gradient, as for any optimizer.
+``transformers.Trainer(model, args, optimizers=(LIFTAdamW(...), scheduler))`` works as it is in both
+memory modes: its clipping (``max_grad_norm``, through ``accelerator.clip_grad_norm_`` and torch's
+``clip_grad_norm_``) sees the gradient LIFTAdamW applies, since dense mode zeroes a LIFT weight's
+gradient outside the selection and ``sparse_grad=True`` keeps the gathered entries as ``p.grad``
+(a GatheredGrad). The norm is the same in both modes and equals ``LIFTAdamW.clip_grad_norm_``'s.
 
-With ``sparse_grad=True`` the dense gradients of LIFT weights are gone after backward, so the
-Trainer's own clipping (over ``model.parameters()``) cannot see them. :class:`LIFTTrainer` routes
-clipping and the logged gradient norm through ``LIFTAdamW.clip_grad_norm_``, which covers the
-gathered gradients; it gives the same trajectory in sparse- and dense-gradient mode.
+:class:`LIFTTrainer` routes clipping and the logged gradient norm through
+``LIFTAdamW.clip_grad_norm_`` itself. It differs from a plain Trainer only for
+``selector="gradient"`` on the steps that select (the hooks keep the whole gradient for the
+selection, which LIFTAdamW.clip_grad_norm_ makes first and then clips at the new entries).
 """
 from __future__ import annotations
 

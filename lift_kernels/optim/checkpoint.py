@@ -1,10 +1,20 @@
-"""Loading a LIFTAdamW checkpoint: validate first, then load without recasting LIFT state."""
+"""Loading a LIFTAdamW checkpoint: validate everything first, then load without recasting LIFT state.
+
+A state dict is refused, before anything changes, when it is not a LIFTAdamW one (e.g. torch's
+AdamW: its groups lack LIFT's options), when its groups or hyperparameters do not fit, or when a
+LIFT entry is damaged: indices not int32, negative, out of range, unsorted or repeated; moments or
+masters not fp32 vectors of the indices' length; a step that is not a count.
+"""
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
+
+from ..distributed.placement import local_tensor
+from .validation import check_hyperparameters
 
 _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
 
@@ -12,24 +22,95 @@ _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
 def load_lift_state_dict(opt, state_dict: dict, torch_load: Callable[[dict], None]) -> None:
     """torch's Optimizer.load_state_dict casts floating state to each parameter's dtype (and would
     turn int32 indices into floats); LIFT state is restored with its own dtypes instead."""
-    saved_state = state_dict["state"]
-    lift_entries = []
-    for gi, (saved_group, group) in enumerate(zip(state_dict["param_groups"], opt.param_groups)):
-        for pid, p in zip(saved_group["params"], group["params"]):
-            s = saved_state.get(pid)
-            if s is None or "idx" not in s:
-                continue
-            where = f"param_groups[{gi}] parameter {pid}"
-            if tuple(s["shape"]) != tuple(p.shape):
-                raise ValueError(f"checkpoint mismatch at {where}: the saved LIFT state is for a "
-                                 f"{tuple(s['shape'])} weight, this parameter is {tuple(p.shape)}; "
-                                 "load a checkpoint of this model")
-            k = s["idx"].numel()
-            if any(key in s and s[key].numel() != k for key in _PER_ENTRY) or (
-                    k and int(s["idx"].max()) >= p.numel()):
-                raise ValueError(f"checkpoint at {where} is corrupt: its indices and moments disagree")
-            lift_entries.append((p, s))
-    torch_load(state_dict)  # validates group and parameter counts, loads the dense state
+    lift_entries = check_state_dict(opt, state_dict)
+    torch_load(state_dict)  # loads the groups' hyperparameters and the dense state
     for p, s in lift_entries:
         opt.state[p] = {key: (v.to(p.device) if isinstance(v, Tensor) else copy.copy(v))
                         for key, v in s.items()}
+
+
+def check_state_dict(opt, state_dict: dict) -> list[tuple[Tensor, dict]]:
+    """Raise ValueError naming what does not fit; return (parameter, saved LIFT state) pairs."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups' "
+                         "(pass opt.state_dict(), or torch.load of a file written from it)")
+    if not isinstance(state_dict.get("lift_seed"), int):
+        raise ValueError("not a LIFTAdamW state dict (it has no 'lift_seed'; a torch.optim.AdamW checkpoint?); "
+                         "load a checkpoint written by LIFTAdamW.state_dict()")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer "
+                         f"{len(opt.param_groups)}; build the optimizer as the saved run did")
+    lift_entries = []
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        missing = [k for k in opt.defaults if k not in saved]
+        if missing:
+            raise ValueError(f"not a LIFTAdamW state dict: param_groups[{gi}] lacks {missing} (a "
+                             "torch.optim.AdamW checkpoint?); load a checkpoint written by LIFTAdamW.state_dict()")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"param_groups[{gi}] has {len(saved['params'])} parameters in the checkpoint and "
+                             f"{len(group['params'])} here; build the optimizer as the saved run did")
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        try:
+            check_hyperparameters(merged)
+        except ValueError as e:
+            raise ValueError(f"checkpoint param_groups[{gi}]: {e}") from None
+        for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            s = saved_state.get(pid)
+            if not s:
+                continue
+            where = f"param_groups[{gi}] parameter {i} ({opt._name_of(p)})"
+            if opt._is_lift(merged, p):
+                _check_lift_entry(s, p, where)
+                lift_entries.append((p, s))
+            else:
+                _check_dense_entry(s, p, where)
+    return lift_entries
+
+
+def _corrupt(where: str, what: str) -> ValueError:
+    return ValueError(f"checkpoint at {where} is corrupt: {what}; load an undamaged checkpoint of this run")
+
+
+def _check_lift_entry(s: dict, p: Tensor, where: str) -> None:
+    if "idx" not in s:
+        raise ValueError(f"checkpoint at {where}: a LIFT weight here, but the saved state is dense AdamW's "
+                         "(keys %s); build the optimizer's groups (lift=...) as the saved run did" % sorted(s))
+    if "shape" not in s or tuple(s["shape"]) != tuple(p.shape):
+        raise ValueError(f"checkpoint mismatch at {where}: the saved LIFT state is for a "
+                         f"{tuple(s.get('shape', ()))} weight, this parameter is {tuple(p.shape)}; "
+                         "load a checkpoint of this model")
+    step = s.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _corrupt(where, f"step must be an integer >= 0, got {step!r}")
+    idx = s["idx"]
+    if not isinstance(idx, Tensor) or idx.dtype != torch.int32 or idx.dim() != 1:
+        raise _corrupt(where, f"idx must be a 1-D int32 tensor, got "
+                              f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
+    k, numel = idx.numel(), local_tensor(p).numel()  # a shard's idx address its own rows
+    for key in _PER_ENTRY:
+        v = s.get(key)
+        if v is None and key != "master":
+            raise _corrupt(where, f"{key} is missing")
+        if v is not None and (not isinstance(v, Tensor) or v.dtype != torch.float32 or tuple(v.shape) != (k,)):
+            raise _corrupt(where, f"{key} must be an fp32 vector of the {k} selected entries, got "
+                                  f"{getattr(v, 'dtype', type(v).__name__)} of shape {tuple(getattr(v, 'shape', ()))}")
+    if k:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= numel:
+            raise _corrupt(where, f"indices must lie in [0, {numel}), found {lo if lo < 0 else hi}")
+        if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise _corrupt(where, "indices must be sorted and distinct")
+        if not bool((s["exp_avg_sq"] >= 0).all()):
+            raise _corrupt(where, "exp_avg_sq has negative or NaN entries")
+
+
+def _check_dense_entry(s: dict, p: Tensor, where: str) -> None:
+    if "idx" in s:
+        raise ValueError(f"checkpoint at {where}: the saved state is LIFT state but this parameter is trained "
+                         "densely here; build the optimizer's groups (lift=...) as the saved run did")
+    for key in ("exp_avg", "exp_avg_sq"):
+        v = s.get(key)
+        if isinstance(v, Tensor) and tuple(v.shape) != tuple(local_tensor(p).shape) and tuple(v.shape) != tuple(p.shape):
+            raise ValueError(f"checkpoint mismatch at {where}: {key} has shape {tuple(v.shape)}, the parameter "
+                             f"{tuple(p.shape)}; load a checkpoint of this model")

@@ -11,9 +11,12 @@ from torch.optim.adamw import adamw as dense_adamw
 from .. import ops
 from ..distributed.grad_norm import shard_group, sharded_total_norm
 from ..distributed.placement import is_dtensor, local_tensor, replica_group
+from . import grad_hooks
 from .checkpoint import load_lift_state_dict
+from .gathered_grad import GatheredGrad
 from .selection import needs_selection, select_group, selection_generator, uses_master
-from .validation import check_hyperparameters, check_lift_param
+from .validation import (check_finite_weights, check_hyperparameters, check_lift_param, check_seed,
+                         check_selection_group, check_unchanged_shape)
 
 
 class LIFTAdamW(torch.optim.Optimizer):
@@ -36,10 +39,15 @@ class LIFTAdamW(torch.optim.Optimizer):
 
     ``sparse_grad=True`` gathers each LIFT weight's gradient at its selected entries in a
     post-accumulate-grad hook and frees the dense gradient at once, so a backward pass holds about
-    one weight matrix of dense gradient. Micro-batch accumulation sums the gathered gradients
-    (same trajectory as dense mode). A step whose selector needs the dense gradient ("gradient" on
-    a selecting step) keeps it for that step. ``seed`` seeds the randomized SVD and the random
-    selector per (seed, weight, step), so a resumed run makes the same selections.
+    one weight matrix of dense gradient. The gathered gradient is ``p.grad`` itself (a
+    :class:`GatheredGrad` of the weight's shape holding k fp32 values), so torch's
+    ``clip_grad_norm_``, GradScaler and ``zero_grad`` act on it, and micro-batches accumulate into
+    it (same trajectory as dense mode). In dense mode the same hook zeroes the gradient outside the
+    selection, so torch's tools see in both modes the gradient the step applies. A step whose
+    selector needs the dense gradient ("gradient" on a selecting step) keeps it whole for that step.
+    ``seed`` seeds the randomized SVD and the random selector per (seed, weight, step), so a resumed
+    run makes the same selections. ``skip_nonfinite=True`` skips (changing nothing, not counting it)
+    a step whose applied gradient has a NaN or inf, and counts it in ``skipped_steps``.
 
     Multi-process runs (README, "Multi-GPU training"): weights that every rank holds whole (DDP) are selected
     on the first rank of ``selection_group`` ("world": the default group once torch.distributed is
@@ -53,36 +61,58 @@ class LIFTAdamW(torch.optim.Optimizer):
                  rank: int = 128, density: float | None = None, lra_rank: int = 64,
                  update_interval: int = 400, selector: str = "lift", svd: str = "fast",
                  largest: bool = True, seed: int = 0, sparse_grad: bool = False,
-                 master_weights: bool | None = None, selection_group="world"):
+                 master_weights: bool | None = None, selection_group="world",
+                 skip_nonfinite: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
                         selector=selector, svd=svd, largest=largest, lift=None,
                         master_weights=master_weights)
-        self.seed = int(seed)
-        self.sparse_grad = bool(sparse_grad)
+        self.seed = check_seed(seed)
+        for flag, value in (("sparse_grad", sparse_grad), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        check_selection_group(selection_group)
+        self.sparse_grad = sparse_grad
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
         self.selection_group = selection_group
-        self._sparse_grads: dict[Tensor, Tensor] = {}  # gathered fp32 gradients, until step()
+        # Gathered fp32 gradients of row-sharded (FSDP2 DTensor) weights, until step(); the
+        # gradients of plain weights are gathered into p.grad itself (a GatheredGrad).
+        self._sparse_grads: dict[Tensor, Tensor] = {}
         self._hooks = []
+        grad_hooks.remove_when_collected(self, self._hooks)
+        self._built = False
         super().__init__(params, defaults)
+        self._built = True
+        for p in self.lift_parameters():
+            grad_hooks.claim(self, p)
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group)
         names = group.get("param_names") or [None] * len(group["params"])
         gi = len(self.param_groups) - 1
-        for i, (p, name) in enumerate(zip(group["params"], names)):
-            if self._is_lift(group, p):
-                check_lift_param(p, name or f"param_groups[{gi}]['params'][{i}]", group)
-                if self.sparse_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad_hook))
+        lift = [(p, name or f"param_groups[{gi}]['params'][{i}]")
+                for i, (p, name) in enumerate(zip(group["params"], names)) if self._is_lift(group, p)]
+        try:  # everything checked before any hook is installed
+            check_hyperparameters(group)
+            for p, name in lift:
+                check_lift_param(p, name, group, self.sparse_grad)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+        for p, _ in lift:
+            if p.requires_grad:
+                grad_hooks.install(self, p, self._hooks)
+                if self._built:  # a group added later; __init__ claims its groups' weights at its end
+                    grad_hooks.claim(self, p)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        # GradScaler then hands the scale to step() instead of unscaling p.grad itself, which lets
-        # step() refuse sparse-gradient mode, whose gathered gradients GradScaler cannot see.
-        return self.sparse_grad
+        # Only the gathered gradients of sharded (DTensor) weights live outside p.grad, where
+        # GradScaler cannot unscale them; it then hands the scale to step(), which refuses it.
+        return self.sparse_grad and any(is_dtensor(p) for p in self.lift_parameters())
 
     @staticmethod
     def _is_lift(group: dict, p: Tensor) -> bool:
@@ -94,24 +124,79 @@ class LIFTAdamW(torch.optim.Optimizer):
     def _group_of(self, p: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
+    def _name_of(self, p: Tensor) -> str:
+        for gi, g in enumerate(self.param_groups):
+            for i, q in enumerate(g["params"]):
+                if q is p:
+                    names = g.get("param_names")
+                    return names[i] if names else f"param_groups[{gi}]['params'][{i}]"
+        return "a parameter not in this optimizer"
+
     # ----------------------------------------------------------------------------- gradients
     def _has_grad(self, p: Tensor) -> bool:
         return p.grad is not None or p in self._sparse_grads
 
     @torch.no_grad()
-    def _gather_grad_hook(self, p: Tensor) -> None:
-        """Sparse-grad mode: keep grad[idx] in fp32 and free the dense gradient right away."""
-        if not is_dtensor(p) and replica_group(self.selection_group) is not None:
-            raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
-                               "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
+    def _before_accumulate(self, p: Tensor) -> None:
+        """Hook before a backward adds to p.grad: select if due (selection reads only the weights,
+        which stay as they are until step(), so it equals step()'s), then make sure a gathered
+        p.grad belongs to the current selection."""
+        if is_dtensor(p) or self._grad_selecting(p):
+            return  # sharded weights select in _after_accumulate; |grad| selection in step()
+        if replica_group(self.selection_group) is not None:
+            if self.sparse_grad:
+                raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
+                                   "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
+            return  # DDP: lk.sparse_allreduce_hook sends (and keeps) only the selected entries
+        group, state = self._group_of(p), self.state[p]
+        if not state or needs_selection(state, group, state["step"] + 1):
+            # every due weight of the group at once, batched, exactly as step() would
+            self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
+        check_unchanged_shape(p, state, self._name_of)
+        g = p.grad
+        if isinstance(g, GatheredGrad) and not self._current(g, p):
+            if g.values.count_nonzero():
+                raise RuntimeError(
+                    f"the gradient of {self._name_of(p)} was gathered at the selection before a refresh "
+                    "and never cleared; call zero_grad() after every step() in sparse_grad=True mode")
+            p.grad = None  # zero_grad(set_to_none=False) left zeros at the old entries
+
+    def _grad_selecting(self, p: Tensor) -> bool:
+        """Whether p selects by |grad| before its next step (then its dense gradient is kept)."""
+        group, state = self._group_of(p), self.state[p]
+        return group["selector"] == "gradient" and needs_selection(state, group, state.get("step", 0) + 1)
+
+    @torch.no_grad()
+    def _after_accumulate(self, p: Tensor) -> None:
+        """Sparse mode: gather p.grad at the selected entries (freeing the dense gradient); dense
+        mode: zero it outside them, so torch's tools see the gradient the step applies."""
+        if is_dtensor(p):
+            if self.sparse_grad:
+                self._gather_sharded(p)
+            return
+        if p.grad is None or isinstance(p.grad, GatheredGrad) or self._grad_selecting(p):
+            return
+        if replica_group(self.selection_group) is not None or "idx" not in self.state[p]:
+            return
+        idx = self.state[p]["idx"].long()
+        if self.sparse_grad:
+            p.grad = GatheredGrad(p.grad.reshape(-1).index_select(0, idx).float(), self.state[p]["idx"], p)
+        else:
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            flat = p.grad.view(-1)
+            kept = flat.index_select(0, idx)
+            flat.zero_()
+            flat.index_copy_(0, idx, kept)
+
+    def _gather_sharded(self, p: Tensor) -> None:
+        """Sparse mode on a row-sharded (FSDP2) weight: keep grad[idx] of the local rows in fp32."""
         group = self._group_of(p)
         state = self.state[p]
         t = state.get("step", 0) + 1
         if needs_selection(state, group, t):
             if group["selector"] == "gradient":
                 return  # this step selects by |grad|: step() needs the whole accumulated gradient
-            # Selection depends only on the weights, which stay as they are until step(): select
-            # every due weight of the group now, batched, exactly as step() would.
             self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
         if p.grad is None:
             return
@@ -120,9 +205,23 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._sparse_grads[p] = g if buf is None else buf.add_(g)
         p.grad = None
 
+    def _current(self, g: GatheredGrad, p: Tensor) -> bool:
+        idx = self.state[p].get("idx")
+        return idx is not None and (g.idx is idx or (g.idx.shape == idx.shape and torch.equal(g.idx, idx)))
+
     def _applied_grad(self, p: Tensor) -> Tensor:
         """The gradient the step applies: gathered (sparse mode) or the dense one."""
-        return self._sparse_grads[p] if p in self._sparse_grads else p.grad
+        if p in self._sparse_grads:
+            return self._sparse_grads[p]
+        g = p.grad
+        if isinstance(g, GatheredGrad):
+            if not self._current(g, p):
+                raise RuntimeError(
+                    f"the gradient of {self._name_of(p)} was gathered at another selection than this "
+                    "optimizer's (another LIFTAdamW on the same weights, a load_state_dict after backward, "
+                    "or a refresh without zero_grad()); call zero_grad() and run backward again")
+            return g.values
+        return g
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -134,9 +233,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         """Clip, like torch.nn.utils.clip_grad_norm_, the gradient this optimizer is about to apply.
 
         The norm is taken over the selected entries of every LIFT weight (gathered or dense) and all
-        entries of dense parameters, so it is the same in sparse- and dense-gradient mode; with
-        density=1 it equals torch's clip_grad_norm_ over all gradients. Weights due for selection are
-        selected first (with the same result step() would get). Returns the total norm.
+        entries of dense parameters, so it is the same in sparse- and dense-gradient mode, and the
+        same as torch's clip_grad_norm_ over the parameters' p.grad (which the hooks gather or mask
+        to the selection) except for selector="gradient" on a selecting step, where p.grad is still
+        whole. Weights due for selection are selected first (with the same result step() would
+        get). Returns the total norm.
         """
         parts, scaled, shard_groups = [], [], []
         for group in self.param_groups:
@@ -172,11 +273,15 @@ class LIFTAdamW(torch.optim.Optimizer):
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             raise NotImplementedError(
                 "fp16 GradScaler cannot unscale or inf-check the gradients that sparse_grad=True "
-                "gathers; use bf16 autocast (no scaler needed) or LIFTAdamW(..., sparse_grad=False)")
+                "gathers for sharded (FSDP2) weights; use bf16 autocast (no scaler needed) or "
+                "LIFTAdamW(..., sparse_grad=False)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_nonfinite and not self._grads_finite():
+            self.skipped_steps += 1  # nothing else changes: the step is not counted either
+            return loss
         for group in self.param_groups:
             lift, dense = [], []
             for p in group["params"]:
@@ -191,6 +296,23 @@ class LIFTAdamW(torch.optim.Optimizer):
                 self._lift_step(group, lift)
         self._sparse_grads.clear()
         return loss
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient this step would apply is finite (one host sync; agreed on by all
+        ranks when some weights are sharded, so that they all skip or all step)."""
+        flags, sharded = [], False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._has_grad(p):
+                    flags.append(torch.isfinite(local_tensor(self._applied_grad(p))).all())
+                    sharded = sharded or is_dtensor(p)
+        if not flags:
+            return True
+        ok = torch.stack([f.to(flags[0].device) for f in flags]).all().to(torch.int32)
+        if sharded:
+            import torch.distributed as dist
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
     def _dense_step(self, group: dict, params: list[Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -216,8 +338,10 @@ class LIFTAdamW(torch.optim.Optimizer):
             if not state:
                 state["step"] = 0
                 state["shape"] = tuple(p.shape)
+            check_unchanged_shape(p, state, self._name_of)
             if needs_selection(state, group, state["step"] + 1):
                 due.append(p)
+        check_finite_weights(due, self._name_of)
         by_step = defaultdict(list)
         for p in due:
             by_step[self.state[p]["step"] + 1].append(p)
@@ -255,6 +379,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["lift_seed"] = self.seed
+        sd["lift_skipped_steps"] = self.skipped_steps
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -264,4 +389,5 @@ class LIFTAdamW(torch.optim.Optimizer):
         checkpoint of another model raises and leaves the optimizer as it was.
         """
         load_lift_state_dict(self, state_dict, super().load_state_dict)
-        self.seed = int(state_dict.get("lift_seed", self.seed))
+        self.seed = int(state_dict["lift_seed"])
+        self.skipped_steps = int(state_dict.get("lift_skipped_steps", 0))

@@ -1,34 +1,57 @@
 """Checks of LIFTAdamW hyperparameters: each error names the parameter and the fix."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from ..reference.select import SELECTORS, SVD_MODES
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
+
+
+def _real(v) -> float | None:
+    """v as a float if it is a real number (not a bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
 def check_hyperparameters(group: dict) -> None:
+    # Comparisons are written so that NaN fails them (NaN < 0 and NaN >= 0 are both False).
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"lr must be a float or a one-element tensor, got shape {tuple(lr.shape)}")
-    if float(lr) < 0.0:
-        raise ValueError(f"lr must be >= 0, got {float(lr)}")
-    if not 0.0 <= group["eps"]:
-        raise ValueError(f"eps must be >= 0, got {group['eps']}")
-    b1, b2 = group["betas"]
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"betas must each be in [0, 1), got {group['betas']}")
-    if group["weight_decay"] < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
-    if not isinstance(group["rank"], int) or group["rank"] < 1:
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) else _real(lr)
+    if lr_value is None or not 0.0 <= lr_value < math.inf:
+        raise ValueError(f"lr must be >= 0 and finite, got {lr!r}")
+    for key in ("eps", "weight_decay"):
+        v = _real(group[key])
+        if v is None or not 0.0 <= v < math.inf:
+            raise ValueError(f"{key} must be >= 0 and finite, got {group[key]!r}")
+    betas = group["betas"]
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_real(b) is not None and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    if not _is_int(group["rank"]) or group["rank"] < 1:
         raise ValueError(f"rank must be an integer >= 1 (the LoRA-equivalent budget), got {group['rank']!r}")
     density = group["density"]
-    if density is not None and not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1] or None (then rank sets the budget), got {density}")
-    if not isinstance(group["lra_rank"], int) or group["lra_rank"] < 1:
+    if density is not None and (_real(density) is None or not 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1] or None (then rank sets the budget), got {density!r}")
+    if not _is_int(group["lra_rank"]) or group["lra_rank"] < 1:
         raise ValueError(f"lra_rank must be an integer >= 1, got {group['lra_rank']!r}")
-    if not isinstance(group["update_interval"], int) or group["update_interval"] < 1:
+    if not _is_int(group["update_interval"]) or group["update_interval"] < 1:
         raise ValueError(f"update_interval must be an integer >= 1 (steps between re-selections), "
                          f"got {group['update_interval']!r}")
+    for key in ("largest",):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    if group["master_weights"] not in (None, True, False):
+        raise ValueError(f"master_weights must be True, False or None (on for bf16/fp16 weights), "
+                         f"got {group['master_weights']!r}")
     if group["selector"] not in SELECTORS:
         raise ValueError(f"selector must be one of {SELECTORS}, got {group['selector']!r}")
     if group["svd"] not in SVD_MODES:
@@ -37,11 +60,37 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"lift must be True, False or None (2-D tensors), got {group['lift']!r}")
 
 
-def check_lift_param(p: torch.Tensor, name: str, group: dict) -> None:
+def check_seed(seed) -> int:
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer (it makes selections reproducible and resume-safe), "
+                         f"got {seed!r}")
+    return seed
+
+
+def check_selection_group(selection_group) -> None:
+    if selection_group is None or selection_group == "world":
+        return
+    import torch.distributed as dist
+    if not (dist.is_available() and isinstance(selection_group, dist.ProcessGroup)):
+        raise ValueError(f"selection_group must be 'world', None (each rank selects alone) or a "
+                         f"torch.distributed ProcessGroup, got {selection_group!r}")
+
+
+def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool = False) -> None:
     if p.dim() != 2:
         raise ValueError(
             f"LIFT weights must be 2-D matrices, but {name} has shape {tuple(p.shape)}; put it in a "
             "group with lift=False (dense AdamW) or leave lift unset so only 2-D tensors use LIFT")
+    if not p.is_floating_point():
+        raise ValueError(f"LIFT weight {name} has dtype {p.dtype}; LIFTAdamW trains floating-point "
+                         "weights only (freeze it or leave it out of the optimizer)")
+    if p.is_meta:
+        raise ValueError(f"LIFT weight {name} is on the meta device (no values to select from); "
+                         "materialize the model (to_empty() and load its weights) before building the optimizer")
+    if sparse_grad and not p.requires_grad:
+        raise ValueError(f"LIFT weight {name} is frozen (requires_grad=False), so sparse_grad=True cannot "
+                         "gather its gradient; unfreeze it or leave it out of the optimizer "
+                         "(lk.lift_param_groups(model) takes only trainable weights)")
     if not p.is_contiguous():
         raise ValueError(f"LIFT weight {name} must be contiguous (flat indices address its storage); "
                          "call .data = .data.contiguous() on it before building the optimizer")
@@ -51,6 +100,32 @@ def check_lift_param(p: torch.Tensor, name: str, group: dict) -> None:
     if group["selector"] == "lift" and group["lra_rank"] > min(m, n):
         raise ValueError(f"lra_rank={group['lra_rank']} exceeds min(m, n)={min(m, n)} of {name} "
                          f"(shape {m}x{n}); lower lra_rank for this group")
+    if budget(p.shape, group["rank"], group["density"]) == 0:
+        raise ValueError(f"density={group['density']} selects round({group['density']}*{m}*{n}) = 0 entries "
+                         f"of {name} (shape {m}x{n}), which would never be trained; raise density, or "
+                         "put that weight in a group with lift=False or leave it out")
+
+
+def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> None:
+    """A weight resized after the optimizer started (p.data = ...) would keep training stale entries."""
+    shape = state.get("shape")
+    if shape is not None and tuple(p.shape) != tuple(shape):
+        raise ValueError(f"LIFT weight {name_of(p)} changed shape from {tuple(shape)} to {tuple(p.shape)} "
+                         "after LIFTAdamW started training it; build a new optimizer for the new weights")
+
+
+def check_finite_weights(params: list, name_of: Callable) -> None:
+    """Selection (an SVD) of a weight with NaN or inf fails deep inside linalg; name the weight."""
+    if not params:
+        return
+    from ..distributed.placement import local_tensor
+    device = local_tensor(params[0]).device
+    flags = torch.stack([torch.isfinite(local_tensor(p)).all().to(device) for p in params]).cpu()
+    if not bool(flags.all()):
+        bad = [name_of(p) for p, ok in zip(params, flags.tolist()) if not ok]
+        raise ValueError(f"LIFT weight(s) {bad} contain NaN or inf at a selection step; the run diverged "
+                         "before this step (lower lr, clip gradients, or use skip_nonfinite=True) or the "
+                         "weights were loaded damaged")
 
 
 def budget(shape: torch.Size, rank: int, density: float | None) -> int:
