@@ -1,8 +1,8 @@
 """lift-finetune checkpoints: a checksum catches damage, a refusal changes nothing (issue 12, item 5)."""
+import pytest
 import torch
 from file_fixtures import small_run, snapshot, train_steps, write_checkpoint
 
-import pytest
 from lift_kernels._digest import structure_digest
 from lift_kernels.finetune import checkpoint
 
