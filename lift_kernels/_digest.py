@@ -53,6 +53,8 @@ def update_structure(h, obj) -> None:
         _field(h, b"f", obj.hex().encode())
     elif obj is None:
         _field(h, b"n", b"")
+    elif isinstance(obj, (torch.dtype, torch.device)):  # optimizer options may name a dtype or device
+        _field(h, b"D" if isinstance(obj, torch.dtype) else b"V", str(obj).encode())
     else:
         raise TypeError(f"cannot checksum a {type(obj).__name__}; only tensors and plain containers are saved")
 

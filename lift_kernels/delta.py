@@ -56,6 +56,11 @@ _KEY = re.compile(r"^(?P<name>.+)\.(?:(?P<part>indices|values)(?P<suffix>\.float
 _DTYPES = {str(d).removeprefix("torch."): d for d in _TIERS}
 
 
+# Frames from the warning in _parse_specs up to the caller of apply_delta / remove_delta:
+# _parse_specs, _plan, _add, torch.no_grad's wrapper, apply_delta.
+_USER_FRAME = 6
+
+
 class DeltaError(ValueError):
     """A delta file that is damaged, foreign, or does not fit the model; the model was not changed."""
 
@@ -227,7 +232,7 @@ def _parse_specs(path, meta: dict[str, str], tensors: dict[str, Tensor]) -> tupl
     elif fmt == _LEGACY_FORMAT and "shapes" in meta:
         warnings.warn(f"{path} was written by lift_kernels 0.1 (format {fmt}) without base fingerprints or "
                       "checksum: applying it to the wrong base, twice, or damaged cannot be detected. Save it "
-                      "again with save_delta for those checks.", UserWarning, stacklevel=4)
+                      "again with save_delta for those checks.", UserWarning, stacklevel=_USER_FRAME)
         shapes = _json(path, meta["shapes"])
         if not all(_is_shape(s) for s in shapes.values()):
             raise DeltaError(f"{path}: the delta's metadata is malformed; re-create it with save_delta")
