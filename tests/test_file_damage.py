@@ -21,7 +21,7 @@ import lift_kernels as lk
 from lift_kernels.delta import DeltaError
 from lift_kernels.finetune import checkpoint
 
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -161,7 +161,7 @@ def restore(payload: dict, model: nn.Module, optimizer, scheduler, device: torch
         if saved[name].shape != p.shape or saved[name].dtype != p.dtype:
             raise CheckpointError(f"{path}: checkpoint weight {name} is {saved[name].dtype} of shape "
                                   f"{tuple(saved[name].shape)}, the model's is {p.dtype} of shape "
-                                  f"{tuple(p.shape)}; resume with the same --model and --bf16 setting")
+                                  f"{tuple(p.shape)}; resume with the same --model")
     if set(payload["scheduler"]) != set(scheduler.state_dict()):
         raise CheckpointError(f"{path}: the scheduler state has entries {sorted(payload['scheduler'])}, this "
                               f"run's scheduler {sorted(scheduler.state_dict())}; resume with the same --schedule")
