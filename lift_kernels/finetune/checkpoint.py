@@ -3,6 +3,11 @@
 One file per checkpoint (``checkpoint-STEP.pt``), written atomically; older ones are deleted only
 after the new one is complete. Everything in it is tensors and plain containers, so it loads with
 ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+It carries a checksum over all of its content (every tensor's dtype, shape and bytes, every number
+and string), so a bit flip on disk is refused on resume instead of continuing a different run. A
+checkpoint is checked completely (checksum, layout, names, shapes and dtypes of the weights, the
+optimizer's own checks) before the model, optimizer, scheduler or RNG change.
 """
 from __future__ import annotations
 
@@ -10,13 +15,19 @@ import glob
 import os
 import random
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from .._atomic import atomic_path
+from .._digest import structure_digest
 
-FORMAT = "lift_kernels.finetune.checkpoint/1"
+FORMAT = "lift_kernels.finetune.checkpoint/2"
+# Written by lift_kernels 0.1, without a checksum: still resumed (with a warning and every other check).
+_LEGACY_FORMAT = "lift_kernels.finetune.checkpoint/1"
+_KEYS = {"format", "step", "trainable", "optimizer", "scheduler", "rng", "extra"}
+_FIX = "resume from another checkpoint (--resume PATH) or start the run again in a new --output-dir"
 _NAME = re.compile(r"checkpoint-(\d+)\.pt$")
 
 
@@ -56,6 +67,7 @@ def save(folder: str, step: int, model: nn.Module, optimizer, scheduler, extra: 
                "trainable": {n: p.detach().cpu() for n, p in trainable_state(model).items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": _rng_state(device), "extra": extra}
+    payload["checksum"] = structure_digest(payload)  # last key: load() pops it and hashes the rest
     path = os.path.join(folder, f"checkpoint-{step:06d}.pt")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -65,34 +77,102 @@ def save(folder: str, step: int, model: nn.Module, optimizer, scheduler, extra: 
 
 
 def load(path: str) -> dict:
+    """The checkpoint at ``path``, its checksum and layout checked; raises CheckpointError naming the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    except Exception as err:  # a truncated, garbled or foreign file: say which, not a pickle traceback
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); the file is "
+                              f"damaged or not a lift-finetune checkpoint; {_FIX}") from None
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, _LEGACY_FORMAT) and (
+            "checksum" not in payload):
         raise CheckpointError(f"{path} is not a lift-finetune checkpoint")
+    if "checksum" in payload:  # checked whatever the format says: a flipped format byte must not skip it
+        saved = payload.pop("checksum")
+        try:
+            actual = structure_digest(payload)
+        except TypeError:
+            actual = None
+        if saved != actual:
+            raise CheckpointError(f"{path} is damaged: its checksum does not match its contents; {_FIX}")
+        if payload.get("format") != FORMAT:
+            raise CheckpointError(f"{path} has checkpoint format {payload.get('format')!r}, which this "
+                                  f"lift-finetune does not read (it reads {FORMAT!r})")
+    elif payload["format"] == FORMAT:
+        raise CheckpointError(f"{path} is damaged: its checksum is missing; {_FIX}")
+    else:
+        warnings.warn(f"{path} was written by lift-finetune 0.1 without a checksum: damage on disk cannot be "
+                      "detected in it", UserWarning, stacklevel=2)
+    _check_layout(path, payload)
     return payload
 
 
-def restore(payload: dict, model: nn.Module, optimizer, scheduler, device: torch.device) -> int:
-    """Load weights, optimizer, scheduler and RNG from ``payload``; returns the step to continue from."""
+def _check_layout(path: str, payload: dict) -> None:
+    """What every checkpoint of this app holds, with the types restore() relies on."""
+    problem = None
+    if set(payload) != _KEYS:
+        problem = f"its entries are {sorted(payload)}, expected {sorted(_KEYS)}"
+    elif not isinstance(payload["step"], int) or isinstance(payload["step"], bool) or payload["step"] < 0:
+        problem = f"its step is {payload['step']!r}"
+    elif not isinstance(payload["trainable"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["trainable"].items()):
+        problem = "its trainable weights are not a dict of tensors"
+    elif not all(isinstance(payload[k], dict) for k in ("optimizer", "scheduler", "rng", "extra")):
+        problem = "its optimizer, scheduler, rng or extra entry is not a dict"
+    elif not _rng_ok(payload["rng"]):
+        problem = "its RNG state is malformed"
+    elif not (isinstance(payload["extra"].get("fingerprint"), dict)
+              and isinstance(payload["extra"].get("history"), list) and "base_eval" in payload["extra"]):
+        problem = "its run record (fingerprint, history, base_eval) is malformed"
+    if problem:
+        raise CheckpointError(f"{path} is not a valid lift-finetune checkpoint: {problem}; {_FIX}")
+
+
+def _rng_ok(state: dict) -> bool:
+    """Whether ``state`` sets the RNGs, tried on throwaway generators so the global ones stay as they are."""
+    if set(state) - {"device"} != {"torch", "python"} or not isinstance(state["python"], (tuple, list)):
+        return False
+    try:
+        torch.Generator().set_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def restore(payload: dict, model: nn.Module, optimizer, scheduler, device: torch.device,
+            path: str = "the checkpoint") -> int:
+    """Load weights, optimizer, scheduler and RNG from ``payload``; returns the step to continue from.
+
+    Everything that can be checked is checked first; the optimizer's load_state_dict refuses a state
+    that does not fit before changing anything, and it runs before the weights are copied, so a
+    refusal leaves model, optimizer, scheduler and RNG as they were.
+    """
     params = trainable_state(model)
     saved = payload["trainable"]
     if set(saved) != set(params):
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise CheckpointError(f"the checkpoint's trainable weights do not match this run (missing "
+        raise CheckpointError(f"{path}: the checkpoint's trainable weights do not match this run (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
                               "--model, --method and --target-modules")
     for name, p in params.items():
-        if saved[name].shape != p.shape:
-            raise CheckpointError(f"checkpoint weight {name} has shape {tuple(saved[name].shape)}, "
-                                  f"the model's is {tuple(p.shape)}")
+        if saved[name].shape != p.shape or saved[name].dtype != p.dtype:
+            raise CheckpointError(f"{path}: checkpoint weight {name} is {saved[name].dtype} of shape "
+                                  f"{tuple(saved[name].shape)}, the model's is {p.dtype} of shape "
+                                  f"{tuple(p.shape)}; resume with the same --model")
+    if set(payload["scheduler"]) != set(scheduler.state_dict()):
+        raise CheckpointError(f"{path}: the scheduler state has entries {sorted(payload['scheduler'])}, this "
+                              f"run's scheduler {sorted(scheduler.state_dict())}; resume with the same --schedule")
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this run's optimizer ({err}); resume "
+                              "with the same --method and settings") from None
+    scheduler.load_state_dict(payload["scheduler"])
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
     _set_rng_state(payload["rng"], device)
     return int(payload["step"])

@@ -72,7 +72,30 @@ def load(source: ModelSource, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model {source.name}: {err}") from None
+    if source.gguf_file:
+        _drop_gguf_quantizer(model, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.to(device), tokenizer
+
+
+def _drop_gguf_quantizer(model, source: ModelSource) -> None:
+    """Forget transformers' GGUF "quantizer": the weights it loaded are dequantized floats.
+
+    transformers (5.x) keeps a GgufHfQuantizer on a model read from a GGUF file although it
+    dequantizes every tensor while loading; ``Trainer`` then refuses to fine-tune it as a "purely
+    quantized model" and ``save_pretrained`` refuses to save it. With the flag gone it is the plain
+    fp32 model it really is. Anything still not floating point would mean it is not, so that refuses.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise ModelError(f"cannot load model {source.name}: transformers left {len(packed)} GGUF tensors "
+                         f"quantized (e.g. {packed[0]}); convert it to a transformers folder first")
+    quantizer.remove_quantization_config(model)  # drops hf_quantizer, quantization_method, config entry
+    if hasattr(model.config, "_is_quantized"):
+        del model.config._is_quantized

@@ -167,7 +167,8 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
                                    args.max_steps)
         prep = Prepared(source, tokenizer, style, features, dropped, test_set, setup, scheduler, fingerprint)
         if payload is not None:
-            prep.start_step = checkpoint.restore(payload, setup.model, setup.optimizer, scheduler, device)
+            prep.start_step = checkpoint.restore(payload, setup.model, setup.optimizer, scheduler, device,
+                                                 resume_from)
             prep.history, prep.base_eval = payload["extra"]["history"], payload["extra"]["base_eval"]
         return prep
     except (data.DataError, model_io.ModelError, methods.MethodError, checkpoint.CheckpointError) as err:

@@ -1,0 +1,64 @@
+"""The built-in GGUF model (SmolLM2) works with transformers' Trainer and save_pretrained (issue 12, item 7).
+
+transformers marks a GGUF-loaded model as quantized although its weights are dequantized fp32;
+lift_kernels.finetune.model.load must hand back a plain model.
+"""
+import pytest
+import torch
+
+import smollm2
+from lift_kernels.finetune import model as model_io
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    smollm2.require()
+    pytest.importorskip("transformers")
+    return model_io.load(model_io.builtin_source(), torch.device("cpu"))
+
+
+def test_not_marked_quantized(smollm):
+    model, _ = smollm
+    assert getattr(model, "hf_quantizer", None) is None
+    assert not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_trainer_trains_one_step(smollm, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer = smollm
+    trained = model.model.layers[0].mlp.down_proj.weight
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():  # one matrix keeps the optimizer small; the point is that Trainer accepts it
+        p.requires_grad_(p is trained)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        enc = tokenizer(["What is 2 + 3? 5", "What is 7 - 4? 3"], padding="max_length", max_length=12,
+                        return_tensors="pt")
+        examples = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+                     "labels": enc["input_ids"][i]} for i in range(2)]
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=examples).train()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {"model.layers.0.mlp.down_proj.weight"}
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(before[n])
+                p.requires_grad_(flags[n])
+
+
+def test_save_pretrained_round_trip(smollm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = smollm
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert getattr(again, "hf_quantizer", None) is None
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
