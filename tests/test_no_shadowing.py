@@ -21,7 +21,9 @@ _PROBE = """
 import importlib.util, json, sys
 spec = importlib.util.find_spec("triton")
 import lift_kernels, lift_kernels._ext as ext
+from lift_kernels import _triton_loader
 print(json.dumps({
+    "triton_usable": _triton_loader.triton_usable()[0],
     "path": sys.path,
     "triton_origin": None if spec is None else spec.origin,
     "triton_locations": None if spec is None else list(spec.submodule_search_locations or []),
@@ -66,10 +68,23 @@ def test_python_c_from_the_root_imports_the_built_package():
     facts = _probe()
     assert Path(facts["lift_kernels"]).resolve().parent == ROOT / "lift_kernels"
     assert facts["extension"], f"lift_kernels from the repository root has no _C: {facts['extension_error']}"
-    if facts["triton_origin"] is not None or facts["triton_locations"]:
-        # With a real Triton installed it wins over the namespace folder (a regular package beats a
-        # namespace portion wherever it is on sys.path).
-        assert not _is_repo_triton(facts), facts
+    if _real_triton_installed():
+        # A regular package beats a namespace portion wherever it is on sys.path.
+        assert not _is_repo_triton(facts) and facts["triton_usable"], facts
+    else:
+        # Python itself resolves `import triton` to the folder here (cwd first, nothing else named
+        # triton); lift_kernels must not take it for Triton.
+        assert _is_repo_triton(facts) and not facts["triton_usable"], facts
+
+
+def _real_triton_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("triton")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def test_a_triton_folder_is_not_taken_for_triton(monkeypatch):
