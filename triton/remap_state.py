@@ -14,8 +14,12 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+# Entries and warps per program, from the sm_90 SASS (tests/test_sm90_sass.py holds it). The
+# kernel is latency bound (~log2(k) dependent loads per search), so warps per SM count most:
+# 1024 / 8 warps (4 entries a thread): 37-40 registers -> 6 programs = 48 warps per SM;
+# 1024 / 4 warps: 80 registers -> 24 warps, the same 6144 entries per SM in half the warps.
 BLOCK = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 MAX_STATES = 4  # state slots per launch; m, v and a master copy need three
 
 
@@ -30,8 +34,11 @@ def _lower_bound(sorted_ptr, lo, n, x):
         half = length // 2
         base = tl.where(tl.load(sorted_ptr + base + half).to(tl.int64) < x, base + half, base)
         length -= half
-    last = tl.load(sorted_ptr + base, mask=length > 0, other=0).to(tl.int64)
-    return tl.where((length > 0) & (last < x), base + 1, base)
+    # The mask takes base's shape before the load: Triton 3.9's interpreter rejects a scalar mask
+    # on a vector load ("mask has unsupported dtype").
+    nonempty = (base * 0 + length) > 0
+    last = tl.load(sorted_ptr + base, mask=nonempty, other=0).to(tl.int64)
+    return tl.where(nonempty & (last < x), base + 1, base)
 
 
 @triton.jit
@@ -39,15 +46,21 @@ def _carry(src_ptr, dst_ptr, j, pos, hit, mask):
     tl.store(dst_ptr + j, tl.load(src_ptr + pos, mask=hit, other=0), mask=mask)
 
 
-@triton.jit(do_not_specialize=["k_old", "k_new"])
-def _remap_kernel(old_idx_ptr, new_idx_ptr, k_old, k_new, src0, dst0, src1, dst1, src2, dst2, src3, dst3,
-                  NUM_STATES: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+@triton.jit
+def _remap_block(old_idx_ptr, new_idx_ptr, k_old, k_new, start, src0, dst0, src1, dst1, src2, dst2, src3, dst3,
+                 NUM_STATES: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """New entries [start, start + BLOCK); MASKED only for the last, partial block (an all-true mask
+    keeps the full blocks' new indices and written states contiguous, i.e. vector accesses)."""
     j = start + tl.arange(0, BLOCK)
-    mask = j < k_new
+    if MASKED:
+        mask = j < k_new
+        end = k_new
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+        end = start + BLOCK
     x = tl.load(new_idx_ptr + j, mask=mask, other=0).to(tl.int64)
     first = tl.load(new_idx_ptr + start).to(tl.int64)
-    last = tl.load(new_idx_ptr + tl.minimum(start + BLOCK, k_new) - 1).to(tl.int64)
+    last = tl.load(new_idx_ptr + end - 1).to(tl.int64)
     lo = _lower_bound(old_idx_ptr, 0, k_old, first)
     hi = _lower_bound(old_idx_ptr, lo, k_old - lo, last + 1)
     pos = _lower_bound(old_idx_ptr, lo, hi - lo, x)
@@ -60,6 +73,18 @@ def _remap_kernel(old_idx_ptr, new_idx_ptr, k_old, k_new, src0, dst0, src1, dst1
         _carry(src2, dst2, j, pos, hit, mask)
     if NUM_STATES > 3:
         _carry(src3, dst3, j, pos, hit, mask)
+
+
+@triton.jit(do_not_specialize=["k_old", "k_new"])
+def _remap_kernel(old_idx_ptr, new_idx_ptr, k_old, k_new, src0, dst0, src1, dst1, src2, dst2, src3, dst3,
+                  NUM_STATES: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0) * BLOCK  # int32: k_new < 2**31
+    if start + BLOCK <= k_new:
+        _remap_block(old_idx_ptr, new_idx_ptr, k_old, k_new, start, src0, dst0, src1, dst1, src2, dst2, src3,
+                     dst3, NUM_STATES=NUM_STATES, MASKED=False, BLOCK=BLOCK)
+    else:
+        _remap_block(old_idx_ptr, new_idx_ptr, k_old, k_new, start, src0, dst0, src1, dst1, src2, dst2, src3,
+                     dst3, NUM_STATES=NUM_STATES, MASKED=True, BLOCK=BLOCK)
 
 
 def _launch(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
