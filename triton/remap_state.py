@@ -16,29 +16,34 @@ import triton.language as tl
 
 # Entries and warps per program, from the sm_90 SASS (tests/test_sm90_sass.py holds it). The
 # kernel is latency bound (~log2(k) dependent loads per search), so warps per SM count most:
-# 1024 / 8 warps (4 entries a thread): 37-40 registers -> 6 programs = 48 warps per SM;
-# 1024 / 4 warps: 80 registers -> 24 warps, the same 6144 entries per SM in half the warps.
+# 1024 / 8 warps (4 entries a thread): 32 registers -> 8 programs = 64 warps per SM (the most an
+# SM holds), 8192 entries; 1024 / 4 warps: 48 registers -> 40 warps, 10240 entries in fewer,
+# longer dependent chains per warp. (Searching in int64 took 37-46 registers, and Triton 3.8's
+# ptxas spilled one to fit 6 programs: positions are int32, indices compared in their own dtype.)
 BLOCK = 1024
 NUM_WARPS = 8
 MAX_STATES = 4  # state slots per launch; m, v and a master copy need three
 
 
 @triton.jit
-def _lower_bound(sorted_ptr, lo, n, x):
-    """First position p in [lo, lo + n) with sorted[p] >= x, or lo + n; x a scalar or a tensor.
+def _search(sorted_ptr, lo, n, x, AFTER: tl.constexpr):
+    """First position p in [lo, lo + n) with sorted[p] >= x (AFTER: sorted[p] > x), or lo + n; x a
+    scalar or a tensor, compared in the indices' own dtype; positions are int32 (k < 2**31).
 
     Branch-free: the search length depends only on n, so every lane takes the same steps."""
-    base = lo + x * 0
+    base = lo + (x * 0).to(tl.int32)
     length = n
     while length > 1:
         half = length // 2
-        base = tl.where(tl.load(sorted_ptr + base + half).to(tl.int64) < x, base + half, base)
+        probe = tl.load(sorted_ptr + base + half)
+        base = tl.where((probe <= x) if AFTER else (probe < x), base + half, base)
         length -= half
     # The mask takes base's shape before the load: Triton 3.9's interpreter rejects a scalar mask
     # on a vector load ("mask has unsupported dtype").
     nonempty = (base * 0 + length) > 0
-    last = tl.load(sorted_ptr + base, mask=nonempty, other=0).to(tl.int64)
-    return tl.where(nonempty & (last < x), base + 1, base)
+    last = tl.load(sorted_ptr + base, mask=nonempty, other=0)
+    before = (last <= x) if AFTER else (last < x)
+    return tl.where(nonempty & before, base + 1, base)
 
 
 @triton.jit
@@ -58,14 +63,12 @@ def _remap_block(old_idx_ptr, new_idx_ptr, k_old, k_new, start, src0, dst0, src1
     else:
         mask = tl.full([BLOCK], 1, tl.int1)
         end = start + BLOCK
-    x = tl.load(new_idx_ptr + j, mask=mask, other=0).to(tl.int64)
-    first = tl.load(new_idx_ptr + start).to(tl.int64)
-    last = tl.load(new_idx_ptr + end - 1).to(tl.int64)
-    lo = _lower_bound(old_idx_ptr, 0, k_old, first)
-    hi = _lower_bound(old_idx_ptr, lo, k_old - lo, last + 1)
-    pos = _lower_bound(old_idx_ptr, lo, hi - lo, x)
+    x = tl.load(new_idx_ptr + j, mask=mask, other=0)
+    lo = _search(old_idx_ptr, 0, k_old, tl.load(new_idx_ptr + start), AFTER=False)
+    hi = _search(old_idx_ptr, lo, k_old - lo, tl.load(new_idx_ptr + end - 1), AFTER=True)
+    pos = _search(old_idx_ptr, lo, hi - lo, x, AFTER=False)
     in_run = mask & (pos < hi)
-    hit = in_run & (tl.load(old_idx_ptr + pos, mask=in_run, other=0).to(tl.int64) == x)
+    hit = in_run & (tl.load(old_idx_ptr + pos, mask=in_run, other=0) == x)
     _carry(src0, dst0, j, pos, hit, mask)
     if NUM_STATES > 1:
         _carry(src1, dst1, j, pos, hit, mask)
