@@ -15,11 +15,13 @@ import triton
 import triton.language as tl
 
 # Entries and warps per program, from the sm_90 SASS (tests/test_sm90_sass.py holds it). The
-# kernel is latency bound (~log2(k) dependent loads per search), so warps per SM count most:
+# kernel is latency bound: ~log2(BLOCK) dependent loads per search, mostly L1 hits (the run of old
+# indices a program searches is about BLOCK long), each followed by a compare and a select.
 # 1024 / 8 warps (4 entries a thread): 32 registers -> 8 programs = 64 warps per SM (the most an
-# SM holds), 8192 entries; 1024 / 4 warps: 48 registers -> 40 warps, 10240 entries in fewer,
-# longer dependent chains per warp. (Searching in int64 took 37-46 registers, and Triton 3.8's
-# ptxas spilled one to fit 6 programs: positions are int32, indices compared in their own dtype.)
+# SM holds), 8192 entries resident. 1024 / 4 warps: 48 registers -> 40 warps, 10240 entries, but
+# each warp's 8-wide search steps stall it where 64 warps interleave. (Searching in int64 took
+# 37-46 registers, and Triton 3.8's ptxas spilled one to fit 6 programs; positions are now int32
+# and indices are compared in their own dtype.)
 BLOCK = 1024
 NUM_WARPS = 8
 MAX_STATES = 4  # state slots per launch; m, v and a master copy need three
