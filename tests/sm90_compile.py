@@ -106,8 +106,9 @@ def triton_facts(op: str) -> dict[str, dict]:
 
 
 def readable_kernel_name(mangled: str) -> str:
-    """``emit_kernel<float>`` for ``_ZN4lift4cuda12_GLOBAL__N_111emit_kernelIfEEv...``."""
-    found = re.search(r"\d+(\w+?_kernel)I([a-z])E", mangled)
+    """``emit_kernel<float>`` for ``_ZN4lift4cuda..._111emit_kernelIfEEv...`` (a mangled name's
+    length digits precede it; I...E holds the template arguments; our kernels are snake_case)."""
+    found = re.search(r"\d([a-z][a-z_]*_kernel)I([a-z])E", mangled)
     if not found:
         return mangled
     return f"{found[1]}<{ {'f': 'float', 'd': 'double'}.get(found[2], found[2])}>"
