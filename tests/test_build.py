@@ -38,5 +38,5 @@ def test_cmake_builds_the_extension(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[s.name for s in CUDA_SOURCES])
 def test_cuda_kernel_compiles_for_sm90(source, tmp_path):
-    _run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-I", ROOT / "csrc", "-c", source,
+    _run(["nvcc", "-std=c++20", "-O3", "-arch=sm_90", "-I", ROOT / "csrc", "-c", source,
           "-o", tmp_path / (source.stem + ".o")])
