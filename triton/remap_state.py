@@ -97,6 +97,8 @@ def _launch(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tens
     for s in states:
         if s.numel() != k_old:
             raise ValueError(f"every state must have one value per old index ({k_old}), got {tuple(s.shape)}")
+    if max(k_old, k_new) > 2**31 - 1 - BLOCK:
+        raise ValueError(f"the Triton remap numbers entries in int32: k_old={k_old}, k_new={k_new} are too large")
     if k_old == 0 or k_new == 0:
         return [torch.zeros(k_new, dtype=s.dtype, device=s.device) for s in states]
     old_idx, new_idx = old_idx.contiguous(), new_idx.contiguous()

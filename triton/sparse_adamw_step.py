@@ -31,7 +31,9 @@ import triton.language as tl
 #   1024 / 4 (8 a thread): 74-80 registers -> 6 programs = 24 warps = 6144 entries; capped at 64
 #     registers (32 warps) it spills 4-39 registers.  2048 / 4: 131-161 registers, 12 warps.
 # 1024 / 8 keeps within 17% of the most entries in flight with 1.7x the warps to issue the exact
-# sqrt and division of each entry, and halves the registers a layout conversion needs.
+# sqrt and division of each entry (a bench/bench_sparse_adamw_step.py sweep on the GPU decides).
+# The weight's scatter store has its own one-entry-a-thread layout, reached through shared memory
+# (the 9216 bytes per program); every other stream stays in the 4-entries-a-thread layout.
 BLOCK = 1024
 NUM_WARPS = 8
 
@@ -206,6 +208,8 @@ def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tens
     if not p.is_contiguous():
         raise ValueError("the Triton sparse AdamW step updates weights in place and needs them contiguous")
     k = idx.numel()
+    if k > 2**31 - 1 - BLOCK:
+        raise ValueError(f"the Triton sparse AdamW step numbers entries in int32: k={k} is too large")
     for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master", master)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous fp32 vector of length k={k}, "
