@@ -25,9 +25,10 @@ constexpr int kStride = 16;
 static_assert(kTileM == kMicro * kStride && kTileN == kMicro * kStride, "a tile is the threads' micro-tiles");
 
 // Thread blocks per SM that column_splits plans for, and that every tile kernel's
-// __launch_bounds__ holds ptxas to (tests/test_sm90_sass.py checks the cubin): float kernels take
-// <= 64 registers (4 x 256 threads x 64 = the SM's 65536) without spilling; the double ones, with
-// 16 double accumulators, take 80-98 registers unbounded and fit 2.
+// __launch_bounds__ holds ptxas to (tests/test_sm90_sass.py checks the cubin). float: 63-64
+// registers, no spills (4 x 256 threads x 64 = the SM's 65536; unbounded, emit takes 75 and fits
+// 3). double, with 16 double accumulators: 120-122 registers for 2; bounded for 3 (80 registers)
+// they spill 2-6.
 template <typename scalar_t>
 constexpr int kBlocksPerSm = sizeof(scalar_t) == 4 ? 4 : 2;
 
@@ -69,8 +70,8 @@ __device__ void product_tile(const Factors<scalar_t>& f, const scalar_t* L, cons
     for (int b = 0; b < kMicro; ++b) acc[a][b] = scalar_t(0);
   for (int64_t k0 = 0; k0 < f.r; k0 += kTileK) {
     __syncthreads();  // the previous slice is consumed
-    // A warp stages L in runs of 8 consecutive t (32 bytes of a row of L in global memory) of the
-    // rows c + 16 d, d = 0..3 (adjacent slots), for 4 c: 32 distinct banks with the padding.
+    // A warp stages 8 consecutive t (32 bytes of a row of L in global memory) of the 4 rows
+    // c + 16 d, d = 0..3, whose slots are adjacent: 32 distinct banks with the padding.
     constexpr int kRun = 8;
     static_assert(kTileK % kRun == 0, "L is staged in runs of kRun entries of r");
     for (int e = threadIdx.x; e < kTileM * kTileK; e += kThreads) {
@@ -79,7 +80,7 @@ __device__ void product_tile(const Factors<scalar_t>& f, const scalar_t* L, cons
       const bool in = row0 + i < f.m && k0 + t < f.r;
       sm.L[t][slot(i)] = in ? L[(row0 + i) * f.r + k0 + t] : scalar_t(0);
     }
-    // ... and R by consecutive slots of one row t: 4 runs of 8 consecutive columns in global memory.
+    // A warp writes 32 consecutive slots of one row t of R: 4 runs of 8 columns in global memory.
     for (int e = threadIdx.x; e < kTileK * kTileN; e += kThreads) {
       const int t = e / kTileN, j = (e % kTileN) / kMicro + kStride * (e % kMicro);
       const bool in = k0 + t < f.r && col0 + j < f.n;
@@ -148,8 +149,8 @@ __device__ radix::State load_state(const int64_t* state, int64_t mat) {
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>) histogram_kernel(Factors<scalar_t> f, int digit, const int64_t* state,
-                                                             int32_t* hist) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    histogram_kernel(Factors<scalar_t> f, int digit, const int64_t* state, int32_t* hist) {
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ int32_t counts[radix::kBins];
   for (int d = threadIdx.x; d < radix::kBins; d += kThreads) counts[d] = 0;
@@ -198,8 +199,8 @@ __global__ void __launch_bounds__(kThreads) choose_digit_kernel(int digit, int32
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>) count_kernel(Factors<scalar_t> f, const int64_t* state, int64_t* above,
-                                                         int64_t* ties) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    count_kernel(Factors<scalar_t> f, const int64_t* state, int64_t* above, int64_t* ties) {
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ int32_t n_above[kTileM], n_ties[kTileM];
   if (threadIdx.x < kTileM) n_above[threadIdx.x] = n_ties[threadIdx.x] = 0;
@@ -233,9 +234,9 @@ __device__ int warp_exclusive_sum(int v, int lane, int& total) {
 // warp per row then writes that row's selected indices in column order: above-threshold entries
 // always, ties while the matrix still needs ties (global tie ordinal < k_rem).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>) emit_kernel(Factors<scalar_t> f, const int64_t* state,
-                                                        const int64_t* offsets, const int64_t* ties_before,
-                                                        int32_t* out, int64_t k) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    emit_kernel(Factors<scalar_t> f, const int64_t* state, const int64_t* offsets, const int64_t* ties_before,
+                int32_t* out, int64_t k) {
   constexpr int kPerLane = kTileN / 32;
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ uint8_t verdict[kTileM][kTileN];
