@@ -22,16 +22,24 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-# Entries per program and warps per program. The step is memory bound: 1024 entries over 4 warps
-# give each thread 8 entries, i.e. several independent loads of every stream in flight.
+# Entries and warps per program, chosen from the sm_90 SASS (tests/test_sm90_sass.py holds it;
+# an SM has 65536 registers, allocated per warp in units of 256, and at most 64 warps). The step is
+# latency bound: a program loads its table row, then idx and the other length-k streams, then the
+# weight (and dense grad) at idx, so what an SM has resident is what it has in flight.
+#   1024 entries / 8 warps: 4 entries a thread, 48 registers -> 5 programs = 40 warps = 5120
+#     entries per SM; every fp32/int32 stream one 128-bit access per thread.
+#   1024 / 4 (8 a thread): 74-80 registers -> 6 programs = 24 warps = 6144 entries; capped at 64
+#     registers (32 warps) it spills 4-39 registers.  2048 / 4: 131-161 registers, 12 warps.
+# 1024 / 8 keeps within 17% of the most entries in flight with 1.7x the warps to issue the exact
+# sqrt and division of each entry (a bench/bench_sparse_adamw_step.py sweep on the GPU decides).
+# The weight's scatter store has its own one-entry-a-thread layout, reached through shared memory
+# (the 9216 bytes per program); every other stream stays in the 4-entries-a-thread layout.
 BLOCK = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 # One row of the table per weight: element offsets of (weight, grad, idx, exp_avg, exp_avg_sq,
-# master) from their base tensors, then k, the weight's first block and flags.
-ROW = 9
-FLAG_GATHERED_GRAD = tl.constexpr(1)  # grad is the length-k gathered gradient, not the dense one
-FLAG_MASTER = tl.constexpr(2)  # an fp32 master copy holds the selected entries; the weight gets it rounded
+# master) from their base tensors, then k and the weight's first block.
+ROW = 8
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TABLE_CACHE_SIZE = 64
@@ -52,9 +60,10 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, j, k, flags,
+def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, j, k,
                     decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                    MASKED: tl.constexpr, BLOCK: tl.constexpr):
+                    GATHERED_GRAD: tl.constexpr, MASTER: tl.constexpr, MASKED: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """AdamW on entries j of one weight; MASKED only for its last, partial block (an all-true mask
     keeps the full blocks' contiguous streams vectorizable)."""
     if MASKED:
@@ -64,12 +73,13 @@ def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, m
     # Indices, moments and gathered grads are touched once: let them leave the cache first. The
     # weight's sectors are read and then written, so they keep the default policy.
     idx = tl.load(idx_ptr + j, mask=mask, other=0, eviction_policy="evict_first")
-    grad_at = tl.where((flags & FLAG_GATHERED_GRAD) != 0, j, idx)
-    g = tl.load(grad_ptr + grad_at, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    if GATHERED_GRAD:  # the length-k gradient: a contiguous stream like the moments
+        g = tl.load(grad_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:  # the dense gradient, gathered at the selected entries
+        g = tl.load(grad_ptr + idx, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     m = tl.load(exp_avg_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first")
     v = tl.load(exp_avg_sq_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first")
-    has_master = (flags & FLAG_MASTER) != 0
-    if has_master:
+    if MASTER:
         w = tl.load(master_ptr + j, mask=mask, other=0.0)
     else:
         w = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -85,7 +95,7 @@ def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, m
 
     tl.store(exp_avg_ptr + j, m, mask=mask)
     tl.store(exp_avg_sq_ptr + j, v, mask=mask)
-    if has_master:
+    if MASTER:
         tl.store(master_ptr + j, w, mask=mask)
     tl.store(param_ptr + idx, _round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
@@ -93,35 +103,47 @@ def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, m
 @triton.jit
 def _sparse_adamw_kernel(table_ptr, param_base, grad_base, idx_base, state_base,
                          decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                         GATHERED_GRAD: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """One program: BLOCK consecutive entries of one weight. GATHERED_GRAD (grads are length k) and
+    MASTER (fp32 master copies) are compile-time: one launch holds weights that agree on both, as
+    the optimizer's buckets do, and each of the four kernels loads only the streams it uses."""
     pid = tl.program_id(0)
     # table = [row offset of each block's weight] ++ [one row of ROW fields per weight]
     row = table_ptr + tl.load(table_ptr + pid)
+    grad_off = tl.load(row + 1)
     idx_off = tl.load(row + 2)
     exp_avg_off = tl.load(row + 3)
     exp_avg_sq_off = tl.load(row + 4)
     master_off = tl.load(row + 5)
-    if ALIGNED:  # the host checked that every length-k stream starts 16-byte aligned
+    if ALIGNED:
+        # The host checked that every length-k stream starts a multiple of 4 entries after its
+        # base: each thread then moves 4 consecutive entries of each stream in one access, 128 bits
+        # for the fp32/int32 ones, 64 for a bf16/fp16 gathered grad. (Claiming 8 entries for the
+        # latter gets it one 128-bit load but in another register layout than the fp32 streams,
+        # converted through shared memory: +16 STS.64/LDS.64 per thread in the SASS.)
         idx_off = tl.multiple_of(idx_off, 4)
         exp_avg_off = tl.multiple_of(exp_avg_off, 4)
         exp_avg_sq_off = tl.multiple_of(exp_avg_sq_off, 4)
         master_off = tl.multiple_of(master_off, 4)
-    k = tl.load(row + 6)
-    block = pid - tl.load(row + 7)
-    flags = tl.load(row + 8)
-    j = block * BLOCK + tl.arange(0, BLOCK)  # int64: entry numbers within the weight
+        if GATHERED_GRAD:
+            grad_off = tl.multiple_of(grad_off, 4)
+    k = tl.load(row + 6).to(tl.int32)  # k < 2**31: indices are int32
+    block = pid - tl.load(row + 7).to(tl.int32)
+    # int32 entry numbers within the weight (the 64-bit offsets above are added once per stream)
+    j = block * BLOCK + tl.arange(0, BLOCK)
     param_ptr = param_base + tl.load(row + 0)
-    grad_ptr = grad_base + tl.load(row + 1)
+    grad_ptr = grad_base + grad_off
     if (block + 1) * BLOCK <= k:
         _update_entries(param_ptr, grad_ptr, idx_base + idx_off, state_base + exp_avg_off,
-                        state_base + exp_avg_sq_off, state_base + master_off, j, k, flags, decay,
+                        state_base + exp_avg_sq_off, state_base + master_off, j, k, decay,
                         one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                        MASKED=False, BLOCK=BLOCK)
+                        GATHERED_GRAD=GATHERED_GRAD, MASTER=MASTER, MASKED=False, BLOCK=BLOCK)
     else:
         _update_entries(param_ptr, grad_ptr, idx_base + idx_off, state_base + exp_avg_off,
-                        state_base + exp_avg_sq_off, state_base + master_off, j, k, flags, decay,
+                        state_base + exp_avg_sq_off, state_base + master_off, j, k, decay,
                         one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                        MASKED=True, BLOCK=BLOCK)
+                        GATHERED_GRAD=GATHERED_GRAD, MASTER=MASTER, MASKED=True, BLOCK=BLOCK)
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -136,18 +158,19 @@ def _offsets(addresses: list[int], elem_size: int) -> list[int]:
     return [(a - base) // elem_size for a in addresses]
 
 
-def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, int, bool]:
+def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device,
+                   gathered_grad: bool) -> tuple[Tensor, int, bool]:
     """(device table, number of blocks, whether the length-k streams are 16-byte aligned) for
-    weights given as (param, grad, idx, exp_avg, exp_avg_sq, master-or-None, flags); cached by
+    weights given as (param, grad, idx, exp_avg, exp_avg_sq, master-or-None); cached by
     addresses, sizes and BLOCK, since the table is a function of them alone."""
     key = (device, BLOCK, tuple((p.data_ptr(), g.data_ptr(), i.data_ptr(), m.data_ptr(), v.data_ptr(),
-                          0 if ms is None else ms.data_ptr(), i.numel(), f)
-                         for p, g, i, m, v, ms, f in weights))
+                          0 if ms is None else ms.data_ptr(), i.numel(), g.numel())
+                         for p, g, i, m, v, ms in weights))
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
-    params, grads, idxs, exp_avgs, exp_avg_sqs, masters, flags = zip(*weights)
+    params, grads, idxs, exp_avgs, exp_avg_sqs, masters = zip(*weights)
     states = [t.data_ptr() for t in exp_avgs + exp_avg_sqs + tuple(ms for ms in masters if ms is not None)]
     state_off = _offsets(states, 4)
     exp_avg_off, exp_avg_sq_off = state_off[:len(weights)], state_off[len(weights):2 * len(weights)]
@@ -156,7 +179,9 @@ def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> t
     idx_off = _offsets([i.data_ptr() for i in idxs], 4)
     param_off = _offsets([p.data_ptr() for p in params], params[0].element_size())
     grad_off = _offsets([g.data_ptr() for g in grads], grads[0].element_size())
-    aligned = all(o % 4 == 0 for o in state_off + idx_off)
+    # whether every length-k stream (a gathered grad is one) starts a multiple of 4 entries after
+    # its base tensor
+    aligned = all(o % 4 == 0 for o in state_off + idx_off + (grad_off if gathered_grad else []))
 
     blocks = [triton.cdiv(i.numel(), BLOCK) for i in idxs]
     n_blocks = sum(blocks)
@@ -164,7 +189,7 @@ def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device) -> t
     for w, nb in enumerate(blocks):
         block_rows += [n_blocks + ROW * w] * nb
         rows += [param_off[w], grad_off[w], idx_off[w], exp_avg_off[w], exp_avg_sq_off[w], master_off[w],
-                 idxs[w].numel(), first_block, flags[w]]
+                 idxs[w].numel(), first_block]
         first_block += nb
     host = torch.tensor(block_rows + rows, dtype=torch.int64)
     if device.type != "cpu":
@@ -183,6 +208,8 @@ def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tens
     if not p.is_contiguous():
         raise ValueError("the Triton sparse AdamW step updates weights in place and needs them contiguous")
     k = idx.numel()
+    if k > 2**31 - 1 - BLOCK:
+        raise ValueError(f"the Triton sparse AdamW step numbers entries in int32: k={k} is too large")
     for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master", master)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous fp32 vector of length k={k}, "
@@ -195,28 +222,28 @@ def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tens
 def _launch(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
             exp_avg_sqs: list[Tensor], masters: list[Tensor | None], step: int, lr: float, beta1: float,
             beta2: float, eps: float, weight_decay: float) -> None:
-    """Weights of one (weight dtype, grad dtype) pair share a launch; the optimizer's buckets hold
-    one such pair, so a step of a bucket is one launch."""
+    """Weights that agree on weight dtype, grad dtype, gathered or dense grad and master or none
+    share a launch of the kernel specialized for that; the optimizer's buckets agree on all four,
+    so a step of a bucket is one launch."""
     groups: dict[tuple, list[tuple]] = {}
     for p, g, idx, m, v, master in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, strict=True):
         _check(p, g, idx, m, v, master)
         if idx.numel() == 0:
             continue
-        flags = ((FLAG_GATHERED_GRAD.value if g.shape != p.shape else 0)
-                 | (FLAG_MASTER.value if master is not None else 0))
         # Copies made here are freed after the launch is queued; the caching allocator orders their
         # reuse after it on the stream.
         g = g.contiguous()
         idx = idx.to(torch.int32).contiguous()
-        groups.setdefault((p.device, p.dtype, g.dtype), []).append((p, g, idx, m, v, master, flags))
+        key = (p.device, p.dtype, g.dtype, g.shape != p.shape, master is not None)
+        groups.setdefault(key, []).append((p, g, idx, m, v, master))
     # The scalars torch.optim.AdamW derives from the hyperparameters, in double precision.
     scalars = (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
                math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step), eps)
-    for (device, _, _), weights in groups.items():
-        table, n_blocks, aligned = _pointer_table(weights, device)
+    for (device, _, _, gathered_grad, master), weights in groups.items():
+        table, n_blocks, aligned = _pointer_table(weights, device, gathered_grad)
         p, g, idx, m = weights[0][:4]
-        _sparse_adamw_kernel[(n_blocks,)](table, p, g, idx, m, *scalars, ALIGNED=aligned, BLOCK=BLOCK,
-                                          num_warps=NUM_WARPS)
+        _sparse_adamw_kernel[(n_blocks,)](table, p, g, idx, m, *scalars, GATHERED_GRAD=gathered_grad,
+                                          MASTER=master, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # Registered as a torch op so that torch.compile sees an opaque call with declared mutations; the

@@ -50,8 +50,8 @@ at::Tensor topk_abs_product_cuda(const at::Tensor& L, const at::Tensor& R, int64
   auto out = at::empty({b, k}, L.options().dtype(at::kInt));
   if (b == 0 || k == 0) return out;
   auto Lc = L.contiguous(), Rc = R.contiguous();
-  const int splits = cuda::column_splits(b, m, n, L.get_device());
   AT_DISPATCH_FLOATING_TYPES(Lc.scalar_type(), "topk_abs_product_cuda", [&] {
+    const int splits = cuda::column_splits<scalar_t>(b, m, n, L.get_device());
     const cuda::Factors<scalar_t> f{Lc.data_ptr<scalar_t>(), Rc.data_ptr<scalar_t>(), b, m, n, r, splits, largest};
     select_on_stream(f, k, out);
   });

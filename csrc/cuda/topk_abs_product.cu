@@ -22,13 +22,42 @@ constexpr int kWarps = kThreads / 32;
 // Each thread owns a 4 x 4 strided micro-tile: rows ty + 16 a, columns tx + 16 b.
 constexpr int kMicro = 4;
 constexpr int kStride = 16;
-constexpr int kBlocksPerSm = 4;  // thread blocks per SM that column_splits aims for
+static_assert(kTileM == kMicro * kStride && kTileN == kMicro * kStride, "a tile is the threads' micro-tiles");
+
+// Thread blocks per SM that column_splits plans for, and that every tile kernel's
+// __launch_bounds__ holds ptxas to (tests/test_sm90_sass.py checks the cubin). float: 63-64
+// registers, no spills (4 x 256 threads x 64 = the SM's 65536; unbounded, emit takes 75 and fits
+// 3). double, with 16 double accumulators: 120-122 registers for 2; bounded for 3 (80 registers)
+// they spill 2-6.
+template <typename scalar_t>
+constexpr int kBlocksPerSm = sizeof(scalar_t) == 4 ? 4 : 2;
+
+// Shared staging of one r-slice. Row t of L holds column t of L's band, row t of R row t of R's
+// tile; within a row, entry i (a row of the band, or a column of the tile) sits at slot(i), so that
+// a thread's micro-tile entries i = c + 16 a (a = 0..3) are adjacent: one 16-byte vector load each
+// for L and R per t, instead of eight scalar loads. Rows are padded by 16 bytes (kPad entries): the
+// staging writes of a warp (8 consecutive t of 4 rows of L) then fall in distinct banks, for
+// float over the warp and for double over each half-warp (64-bit accesses go by half-warps).
+template <typename scalar_t>
+constexpr int kPad = 16 / static_cast<int>(sizeof(scalar_t));
+
+__device__ __forceinline__ int slot(int i) { return kMicro * (i % kStride) + i / kStride; }
 
 template <typename scalar_t>
 struct TileBuffers {
-  scalar_t L[kTileK][kTileM];
-  scalar_t R[kTileK][kTileN];
+  alignas(16) scalar_t L[kTileK][kTileM + kPad<scalar_t>];
+  alignas(16) scalar_t R[kTileK][kTileN + kPad<scalar_t>];
 };
+
+// v = the kMicro adjacent entries at p (16-byte aligned) in 16-byte shared loads.
+__device__ __forceinline__ void load_micro(const float* p, float (&v)[kMicro]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load_micro(const double* p, double (&v)[kMicro]) {
+  const double2 q0 = reinterpret_cast<const double2*>(p)[0], q1 = reinterpret_cast<const double2*>(p)[1];
+  v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+}
 
 // acc = the tile of L R at (row0, col0) for this thread's micro-tile (zero outside the matrix).
 template <typename scalar_t>
@@ -41,24 +70,28 @@ __device__ void product_tile(const Factors<scalar_t>& f, const scalar_t* L, cons
     for (int b = 0; b < kMicro; ++b) acc[a][b] = scalar_t(0);
   for (int64_t k0 = 0; k0 < f.r; k0 += kTileK) {
     __syncthreads();  // the previous slice is consumed
+    // A warp stages 8 consecutive t (32 bytes of a row of L in global memory) of the 4 rows
+    // c + 16 d, d = 0..3, whose slots are adjacent: 32 distinct banks with the padding.
+    constexpr int kRun = 8;
+    static_assert(kTileK % kRun == 0, "L is staged in runs of kRun entries of r");
     for (int e = threadIdx.x; e < kTileM * kTileK; e += kThreads) {
-      const int i = e / kTileK, t = e % kTileK;
+      const int t = e % kRun + kRun * (e / (kRun * kTileM)), d = (e / kRun) % kMicro;
+      const int i = (e / (kRun * kMicro)) % kStride + kStride * d;
       const bool in = row0 + i < f.m && k0 + t < f.r;
-      sm.L[t][i] = in ? L[(row0 + i) * f.r + k0 + t] : scalar_t(0);
+      sm.L[t][slot(i)] = in ? L[(row0 + i) * f.r + k0 + t] : scalar_t(0);
     }
+    // A warp writes 32 consecutive slots of one row t of R: 4 runs of 8 columns in global memory.
     for (int e = threadIdx.x; e < kTileK * kTileN; e += kThreads) {
-      const int t = e / kTileN, j = e % kTileN;
+      const int t = e / kTileN, j = (e % kTileN) / kMicro + kStride * (e % kMicro);
       const bool in = k0 + t < f.r && col0 + j < f.n;
-      sm.R[t][j] = in ? R[(k0 + t) * f.n + col0 + j] : scalar_t(0);
+      sm.R[t][slot(j)] = in ? R[(k0 + t) * f.n + col0 + j] : scalar_t(0);
     }
     __syncthreads();
     const int kmax = static_cast<int>(f.r - k0 < kTileK ? f.r - k0 : kTileK);
     for (int t = 0; t < kmax; ++t) {
-      scalar_t lv[kMicro], rv[kMicro];
-#pragma unroll
-      for (int a = 0; a < kMicro; ++a) lv[a] = sm.L[t][ty + kStride * a];
-#pragma unroll
-      for (int b = 0; b < kMicro; ++b) rv[b] = sm.R[t][tx + kStride * b];
+      scalar_t lv[kMicro], rv[kMicro];  // rows ty + 16 a of L, columns tx + 16 b of R
+      load_micro(&sm.L[t][kMicro * ty], lv);
+      load_micro(&sm.R[t][kMicro * tx], rv);
 #pragma unroll
       for (int a = 0; a < kMicro; ++a)
 #pragma unroll
@@ -116,8 +149,8 @@ __device__ radix::State load_state(const int64_t* state, int64_t mat) {
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) histogram_kernel(Factors<scalar_t> f, int digit, const int64_t* state,
-                                                             int32_t* hist) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    histogram_kernel(Factors<scalar_t> f, int digit, const int64_t* state, int32_t* hist) {
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ int32_t counts[radix::kBins];
   for (int d = threadIdx.x; d < radix::kBins; d += kThreads) counts[d] = 0;
@@ -166,8 +199,8 @@ __global__ void __launch_bounds__(kThreads) choose_digit_kernel(int digit, int32
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) count_kernel(Factors<scalar_t> f, const int64_t* state, int64_t* above,
-                                                         int64_t* ties) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    count_kernel(Factors<scalar_t> f, const int64_t* state, int64_t* above, int64_t* ties) {
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ int32_t n_above[kTileM], n_ties[kTileM];
   if (threadIdx.x < kTileM) n_above[threadIdx.x] = n_ties[threadIdx.x] = 0;
@@ -201,9 +234,9 @@ __device__ int warp_exclusive_sum(int v, int lane, int& total) {
 // warp per row then writes that row's selected indices in column order: above-threshold entries
 // always, ties while the matrix still needs ties (global tie ordinal < k_rem).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) emit_kernel(Factors<scalar_t> f, const int64_t* state,
-                                                        const int64_t* offsets, const int64_t* ties_before,
-                                                        int32_t* out, int64_t k) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    emit_kernel(Factors<scalar_t> f, const int64_t* state, const int64_t* offsets, const int64_t* ties_before,
+                int32_t* out, int64_t k) {
   constexpr int kPerLane = kTileN / 32;
   __shared__ TileBuffers<scalar_t> sm;
   __shared__ uint8_t verdict[kTileM][kTileN];
@@ -276,12 +309,13 @@ dim3 grid_of(const Factors<scalar_t>& f) {
 
 }  // namespace
 
+template <typename scalar_t>
 int column_splits(int64_t batch, int64_t m, int64_t n, int device) {
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
   const int64_t bands = batch * ((m + kTileM - 1) / kTileM);
   const int64_t tiles = (n + kTileN - 1) / kTileN;
-  const int64_t want = (int64_t(kBlocksPerSm) * sms + bands - 1) / bands;
+  const int64_t want = (int64_t(kBlocksPerSm<scalar_t>) * sms + bands - 1) / bands;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, tiles, 65535})));
 }
 
@@ -309,6 +343,7 @@ void launch_emit(const Factors<scalar_t>& f, const int64_t* state, const int64_t
 }
 
 #define LIFT_INSTANTIATE(T)                                                                                   \
+  template int column_splits<T>(int64_t, int64_t, int64_t, int);                                              \
   template void launch_histogram<T>(const Factors<T>&, int, const int64_t*, int32_t*, cudaStream_t);         \
   template void launch_choose_digit<T>(int64_t, int, int32_t*, int64_t*, cudaStream_t);                      \
   template void launch_count<T>(const Factors<T>&, const int64_t*, int64_t*, int64_t*, cudaStream_t);        \

@@ -28,7 +28,9 @@ struct Factors {
   bool largest;
 };
 
-// Column segments per row for this problem on `device` (enough thread blocks for every SM).
+// Column segments per row for this problem on `device`: enough thread blocks to fill every SM
+// with as many blocks of scalar_t's tile kernels as fit on one at a time.
+template <typename scalar_t>
 int column_splits(int64_t batch, int64_t m, int64_t n, int device);
 
 template <typename scalar_t>
