@@ -22,8 +22,8 @@ selection op's internal workspace (Krylov basis, block temporaries) is not visib
 its fake returns only the indices. This script adds it at the moment of each selection call from the
 op's own formula (csrc/lowrank.cpp:lowrank_workspace_bytes for a GPU, chunked as
 csrc/principal_weights.cpp does). LIFTAdamW's gathered gradients and the state a selection installs
-are made in a backward hook, where MemTracker would call them temporaries; they are relabelled as
-gradients and optimizer state. The three methods take under a minute of one CPU core.
+are made in a backward hook, where MemTracker would call them temporaries; they are labelled as
+gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The three methods take under a minute of one CPU core.
 
     python bench/sim_memory.py --out bench/results/sim_memory_llama2_7b.json
 """
@@ -116,28 +116,26 @@ class SelectionAwareTracker(MemTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def label_lift_tensors(self, opt) -> None:
-        """Count LIFTAdamW's gathered gradients as gradients and its selection state as optimizer state.
+        """Count what LIFTAdamW's post-accumulate-grad hook makes as optimizer memory, and the gradients it
+        gathers as gradients.
 
-        Both are made inside the post-accumulate-grad hook during backward, where MemTracker calls
-        every new tensor a temporary. A hook registered after the optimizer's runs after it and relabels
-        them (the gathered gradient of that weight; all state when a selection has just replaced it)."""
-        lift = opt.lift_parameters()
-        grad_type, opt_type = _MemRefType.GRAD, _MemRefType.OPT
-        seen = {"idx": None}
+        The hook runs in backward, where MemTracker calls every new tensor a temporary; there it selects
+        (state, and the selection's temporaries, as MemTracker counts step()'s) and gathers. A gradient
+        hook, which runs just before the optimizer's hook, switches to optimizer labelling; a
+        post-accumulate-grad hook registered after the optimizer's runs after it, switches back and
+        relabels that weight's gathered gradient."""
+        def start(grad: torch.Tensor) -> None:
+            self._in_opt = True
 
-        def relabel(p: torch.Tensor) -> None:
+        def finish(p: torch.Tensor) -> None:
+            self._in_opt = False
             g = opt._sparse_grads.get(p)  # LIFTAdamW's buffer of gathered fp32 gradients
             if g is not None:
-                self._update_and_maybe_create_winfos(g, grad_type)
-            idx = opt.state[lift[0]].get("idx")
-            if idx is not None and idx is not seen["idx"]:  # a selection ran: it installs every weight
-                seen["idx"] = idx
-                for q in lift:
-                    for t in opt.state[q].values():
-                        if isinstance(t, torch.Tensor):
-                            self._update_and_maybe_create_winfos(t, opt_type)
+                self._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
 
-        self._lift_hooks = [p.register_post_accumulate_grad_hook(relabel) for p in lift]
+        lift = opt.lift_parameters()
+        self._lift_hooks = [p.register_hook(start) for p in lift] + \
+            [p.register_post_accumulate_grad_hook(finish) for p in lift]
 
     def __exit__(self, *args):
         for h in getattr(self, "_lift_hooks", []):
