@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 
 
@@ -16,7 +17,11 @@ def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[
 
 def principal_weights(W: Tensor, k: int, lra_rank: int, svd: str = "fast", largest: bool = True,
                       generator: torch.Generator | None = None) -> Tensor:
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    # The seed is a real number drawn from the real generator even under FakeTensorMode (where
+    # .item() of a fake tensor is data-dependent and raises): outside fake mode the context manager
+    # does nothing, so the draw, and the generator's state after it, are what they always were.
+    with unset_fake_temporarily():
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     batch = W if W.dim() == 3 else W.unsqueeze(0)
     idx = torch.ops.lift_kernels.principal_weights(batch, k, lra_rank, largest, seed)
     return idx if W.dim() == 3 else idx[0]

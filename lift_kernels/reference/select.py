@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .lowrank import exact_lowrank, fast_lowrank
 
@@ -19,6 +20,11 @@ def topk_flat_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     batched = scores.dim() == 3
     flat = scores.reshape(scores.shape[0] if batched else 1, -1)
     out = torch.empty(flat.shape[0], k, dtype=torch.int32, device=scores.device)
+    if is_fake(scores):
+        # Under FakeTensorMode only the result's shape is known; which entries win is data-dependent
+        # (nonzero below has no fake output shape). Like the native op's registered fake, return
+        # the uninitialised (b, k) int32 result. Real tensors never take this branch.
+        return out if batched else out[0]
     for b in range(flat.shape[0]):
         s = flat[b] if largest else -flat[b]
         if k == 0:

@@ -1,0 +1,334 @@
+"""Simulated peak memory of a real-size training step: full fine-tuning, LoRA and LIFT (issue 13, item 5).
+
+No memory is allocated: the model, data, gradients and optimizer state are FakeTensors (shapes,
+dtypes and storages without data) and torch's MemTracker follows every storage that an op creates
+or frees, by category. A LLaMA-2-7B-shaped model (transformers LlamaForCausalLM: hidden 4096, MLP
+11008, 32 layers of 32 heads, vocab 32000; bf16 weights), sequence 512, batch 4, activation
+checkpointing of every decoder layer (non-reentrant, transformers' default), runs whole training
+iterations (forward, backward, optimizer step, zero_grad):
+- full: torch.optim.AdamW(fused=True) over every weight (its moments take the weights' dtype, bf16);
+- lora: peft LoRA r128 (alpha 256) on every linear projection, AdamW(fused=True) over the adapters
+  (peft keeps bf16 models' adapters in fp32);
+- lift: LIFTAdamW(rank 128, lra_rank 64, sparse_grad=True, fp32 masters: the default for bf16) on
+  the same projections; update_interval 3, so iteration 1 selects, iteration 2 is a plain step and
+  iteration 3 re-selects (a refresh) inside its backward pass, as a real run does.
+
+The model is built on the meta device (peft's Module.to cannot swap FakeTensor parameters) and its
+parameters and buffers are then replaced by fake *CPU* tensors, a proxy for CUDA ones (fake CUDA
+tensors fail in backward on a machine without a GPU). The code paths are the ones a GPU run takes,
+with one difference: on the CPU the sparse step is the reference (per-weight temporaries of k
+entries, freed weight by weight) where the GPU runs the fused Triton kernel (none). The native
+selection op's internal workspace (Krylov basis, block temporaries) is not visible to FakeTensor:
+its fake returns only the indices. This script adds it at the moment of each selection call from the
+op's own formula (csrc/lowrank.cpp:lowrank_workspace_bytes for a GPU, chunked as
+csrc/principal_weights.cpp does). LIFTAdamW's gathered gradients and the state a selection installs
+are made in a backward hook, where MemTracker would call them temporaries; they are labelled as
+gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The three methods take under a minute of one CPU core.
+
+    python bench/sim_memory.py --out bench/results/sim_memory_llama2_7b.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+try:  # an installed lift_kernels, else this source checkout's
+    import lift_kernels as lk
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import lift_kernels as lk
+
+from lift_kernels.reference.lowrank import DEFAULT_OVERSAMPLE, DEFAULT_PASSES
+
+GIB = 1 << 30
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CATEGORIES = ["Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other"]
+
+
+# ------------------------------------------------------------------------------ native op workspace
+def lowrank_workspace_bytes(m: int, n: int, rank: int) -> int:
+    """Extra bytes of one matrix's fast low-rank factorisation on a GPU (fp32 work, no upcast copy of
+    half-precision weights): csrc/lowrank.cpp's lowrank_workspace_bytes, term by term."""
+    elt = 4
+    d, D = min(m, n), max(m, n)
+    b = rank + DEFAULT_OVERSAMPLE
+    s = (DEFAULT_PASSES // 2) * b
+    if s >= d:
+        return elt * (2 * d * D + d * d)
+    return elt * ((d + D) * s + 2 * s * s + 2 * D * b)
+
+
+def selection_workspace_bytes(W: torch.Tensor, lra_rank: int) -> int:
+    """Peak extra bytes inside lift_kernels::principal_weights on a batch W (b, m, n): one chunk's
+    workspace (csrc/principal_weights.cpp: chunks of at most an eighth of the batch's bytes, at
+    least 64 MiB, at least one matrix) plus that chunk's fp32 factors L (m, r) and R (r, n)."""
+    b, m, n = W.shape
+    per = lowrank_workspace_bytes(m, n, lra_rank)
+    budget = max(W.numel() * W.element_size() // 8, 64 << 20)
+    chunk = min(b, max(1, budget // per))
+    return chunk * (per + 4 * lra_rank * (m + n))
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+class SelectionAwareTracker(MemTracker):
+    """MemTracker that also records, at every native selection call, the tracked total plus the op's
+    internal workspace (which its fake implementation cannot allocate)."""
+
+    def __init__(self, lra_rank: int):
+        super().__init__()
+        self.lra_rank = lra_rank
+        self.selection_peak = 0
+        self.selection_calls = 0
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        # MemTracker registers a gradient hook on every parameter, which raises for frozen ones (LoRA's
+        # base weights, LIFT's embeddings and norms): mark those as hooked already, with a no-op handle.
+        for p in module.parameters():
+            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        # Only the global peak is reported. MemTracker also updates every active module's own peak,
+        # a loop over all modules after every op: O(layers^2) work, 10 minutes for LoRA's 32 layers.
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.lift_kernels.principal_weights.default:
+            total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
+            self.selection_calls += 1
+            self.selection_peak = max(self.selection_peak, total + selection_workspace_bytes(args[0], self.lra_rank))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def label_lift_tensors(self, opt) -> None:
+        """Count what LIFTAdamW's post-accumulate-grad hook makes as optimizer memory, and the gradients it
+        gathers as gradients.
+
+        The hook runs in backward, where MemTracker calls every new tensor a temporary; there it selects
+        (state, and the selection's temporaries, as MemTracker counts step()'s) and gathers. A gradient
+        hook, which runs just before the optimizer's hook, switches to optimizer labelling; a
+        post-accumulate-grad hook registered after the optimizer's runs after it, switches back and
+        relabels that weight's gathered gradient."""
+        def start(grad: torch.Tensor) -> None:
+            self._in_opt = True
+
+        def finish(p: torch.Tensor) -> None:
+            self._in_opt = False
+            g = opt._sparse_grads.get(p)  # LIFTAdamW's buffer of gathered fp32 gradients
+            if g is not None:
+                self._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
+
+        lift = opt.lift_parameters()
+        self._lift_hooks = [p.register_hook(start) for p in lift] + \
+            [p.register_post_accumulate_grad_hook(finish) for p in lift]
+
+    def __exit__(self, *args):
+        for h in getattr(self, "_lift_hooks", []):
+            h.remove()
+        return super().__exit__(*args)
+
+
+# ------------------------------------------------------------------------------ model and methods
+def build_model(layers: int, small: bool):
+    """A LLaMA-2-7B-shaped LlamaForCausalLM with bf16 weights on the meta device (no data)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, vocab_size=256) if small else \
+        dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
+    cfg = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], num_hidden_layers=layers,
+                      max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # weights are created in bf16, as from_pretrained(dtype=bf16) loads them
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # non-reentrant torch.utils.checkpoint per decoder layer
+    model.train()
+    return model
+
+
+def wrap(method: str, model, rank: int):
+    """The model a method trains (peft's LoRA model wraps it; built on meta too: Module.to, which peft
+    calls, cannot swap parameters that are FakeTensors)."""
+    if method != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+
+
+def to_fake(model: torch.nn.Module, mode: FakeTensorMode) -> None:
+    """Replace every meta parameter and buffer by a fake CPU tensor of the same shape, dtype and
+    requires_grad (shared ones stay shared)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            with mode:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            memo[id(t)] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+        return memo[id(t)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = fake(t)
+
+
+def optimizer(method: str, model, rank: int, lra_rank: int, update_interval: int):
+    if method in ("full", "lora"):  # LoRA: peft froze all but the adapters
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    if method == "lift":
+        groups = lk.lift_param_groups(model, target_modules=TARGETS)  # freezes everything else
+        return lk.LIFTAdamW(groups, lr=1e-4, rank=rank, lra_rank=lra_rank, update_interval=update_interval,
+                            sparse_grad=True)
+    raise ValueError(method)
+
+
+def trainable_count(method: str, model, opt) -> int:
+    if method == "lift":
+        return sum(opt.state[p]["idx"].numel() for p in opt.lift_parameters())
+    return sum(p.numel() for g in opt.param_groups for p in g["params"])
+
+
+def by_category(snapshot: dict) -> dict[str, int]:
+    cats = {c: 0 for c in CATEGORIES + ["Total"]}
+    for dev_snap in snapshot.values():
+        for key, nbytes in dev_snap.items():
+            cats[str(getattr(key, "value", key))] += nbytes
+    return cats
+
+
+def simulate(method: str, args) -> dict:
+    """Peak memory (by category) of each training iteration of ``method``, all on fake tensors."""
+    iterations = 3 if method == "lift" else 2
+    t0 = time.perf_counter()
+    mode = FakeTensorMode()
+    model = wrap(method, build_model(args.layers, args.small), args.rank)
+    to_fake(model, mode)
+    with mode:
+        opt = optimizer(method, model, args.rank, args.lra_rank, update_interval=3)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (args.batch, args.seq))
+        per_iter = []
+        for it in range(1, iterations + 1):
+            # a tracker per iteration (MemTracker follows one forward per context): the storages
+            # alive between iterations (weights, buffers, optimizer state) are registered with it
+            tracker = SelectionAwareTracker(args.lra_rank)
+            tracker.track_external(model, opt)
+            if method == "lift":
+                tracker.label_lift_tensors(opt)
+            with tracker:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                del loss
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            peak = by_category(tracker.get_tracker_snapshot("peak"))
+            end = by_category(tracker.get_tracker_snapshot("current"))
+            per_iter.append({
+                "iteration": it,
+                "selection": method == "lift" and it in (1, 3),
+                "peak_bytes": peak,
+                "peak_with_selection_workspace_bytes": max(peak["Total"], tracker.selection_peak),
+                "selection_calls": tracker.selection_calls,
+                "at_selection_with_workspace_bytes": tracker.selection_peak,
+                "end_bytes": end,
+            })
+        trainable = trainable_count(method, model, opt)
+    # on a tie the later iteration: for LIFT the refresh, else the steady state
+    worst = max(reversed(per_iter), key=lambda r: r["peak_with_selection_workspace_bytes"])
+    return {"method": method, "trainable": trainable, "iterations": per_iter,
+            "peak_iteration": worst["iteration"], "peak_bytes": worst["peak_bytes"],
+            "peak_with_selection_workspace_bytes": worst["peak_with_selection_workspace_bytes"],
+            "simulation_seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------ report
+def print_report(results: list[dict]) -> None:
+    print("SIMULATED (FakeTensorMode + MemTracker, no memory allocated): peak of a training iteration, GiB")
+    cols = ["method", "trainable", "iter"] + CATEGORIES[:-1] + ["peak", "+sel. ws"]
+    rows = []
+    for r in results:
+        p = r["peak_bytes"]
+        rows.append([r["method"], f"{r['trainable'] / 1e6:.1f}M", str(r["peak_iteration"])]
+                    + [f"{p[c] / GIB:.2f}" for c in CATEGORIES[:-1]]
+                    + [f"{p['Total'] / GIB:.2f}", f"{r['peak_with_selection_workspace_bytes'] / GIB:.2f}"])
+    widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
+    for i, row in enumerate([cols] + rows):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    for r in results:
+        print(f"{r['method']}: peak per iteration "
+              + ", ".join(f"{it['iteration']}{'*' if it['selection'] else ''}: "
+                          f"{it['peak_with_selection_workspace_bytes'] / GIB:.2f}" for it in r["iterations"])
+              + " GiB (* = a selection runs in that iteration)")
+
+
+def verdict(results: list[dict]) -> dict:
+    peak = {r["method"]: r["peak_with_selection_workspace_bytes"] for r in results}
+    out = {}
+    if "lift" in peak:
+        out["lift_fits_24GB"] = peak["lift"] <= 24e9
+        out["lift_fits_24GiB"] = peak["lift"] <= 24 * GIB
+        if "lora" in peak:
+            out["lift_over_lora"] = peak["lift"] / peak["lora"]
+            out["lift_within_1.1x_lora"] = out["lift_over_lora"] <= 1.1
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="full,lora,lift")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--lra-rank", type=int, default=64)
+    ap.add_argument("--small", action="store_true", help="a tiny model (smoke run; numbers mean nothing)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.small:
+        args.rank, args.lra_rank = min(args.rank, 2), min(args.lra_rank, 2)
+    results = [simulate(m, args) for m in args.methods.split(",")]
+    print_report(results)
+    summary = verdict(results)
+    print(json.dumps(summary))
+    if args.out:
+        import transformers
+
+        meta = {"simulated": True, "how": "FakeTensorMode (fake CPU tensors) + torch MemTracker; no memory allocated",
+                "model": "LlamaForCausalLM, LLaMA-2-7B shapes" if not args.small else "tiny Llama (smoke)",
+                "layers": args.layers, "seq": args.seq, "batch": args.batch, "rank": args.rank,
+                "lra_rank": args.lra_rank, "weights": "bf16", "activation_checkpointing": "every layer, non-reentrant",
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "command": " ".join([Path(sys.executable).name, *sys.argv])}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "summary": summary, "results": results}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

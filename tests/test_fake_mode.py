@@ -1,0 +1,82 @@
+"""LIFTAdamW under FakeTensorMode: every op path it takes runs on fake tensors (bench/sim_memory.py
+simulates real-size memory this way), and real runs draw the same random numbers as before."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+import lift_kernels as lk
+from lift_kernels import _ext
+from lift_kernels.reference import topk_flat_indices
+
+
+def _model():
+    # 320 x 352 with lra_rank 1 keeps the Krylov basis (6 * (1 + 48) = 294 columns) narrower than
+    # the matrix, so the reference takes its randomized path rather than the exact SVD.
+    return torch.nn.Sequential(torch.nn.Linear(352, 320, dtype=torch.bfloat16), torch.nn.ReLU(),
+                               torch.nn.Linear(320, 24, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["", "reference"])
+@pytest.mark.parametrize("svd", ["fast", "exact"])
+def test_two_steps_with_a_refresh_under_fake_mode(monkeypatch, backend, svd):
+    if backend:
+        monkeypatch.setenv("LIFT_BACKEND", backend)
+    with FakeTensorMode():
+        model = _model()
+        opt = lk.LIFTAdamW(model.parameters(), rank=2, lra_rank=1, update_interval=2, sparse_grad=True,
+                           svd=svd)
+        lift = opt.lift_parameters()
+        for _ in range(2):  # step 1 selects, step 2 re-selects (2 % update_interval == 0)
+            model(torch.randn(8, 352, dtype=torch.bfloat16)).float().square().mean().backward()
+            # the sparse-grad hook gathered (k,) fp32 gradients and freed the dense ones
+            assert all(p.grad is None for p in lift)
+            assert [tuple(opt._sparse_grads[p].shape) for p in lift] == [(2 * (320 + 352),), (2 * (24 + 320),)]
+            opt.step()
+            opt.zero_grad()
+    for p in lift:
+        state = opt.state[p]
+        k = 2 * sum(p.shape)
+        assert state["step"] == 2 and state["selected_at"] == 2
+        assert is_fake(state["idx"]) and state["idx"].dtype == torch.int32 and state["idx"].shape == (k,)
+        for name in ("exp_avg", "exp_avg_sq", "master"):  # bf16 weights get fp32 masters by default
+            assert is_fake(state[name]) and state[name].dtype == torch.float32 and state[name].shape == (k,)
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in biases)  # dense AdamW ran on them
+
+
+def test_reference_topk_under_fake_mode_has_the_result_shape():
+    with FakeTensorMode():
+        out = topk_flat_indices(torch.randn(3, 40, 50), 17)
+    assert is_fake(out) and out.shape == (3, 17) and out.dtype == torch.int32
+
+
+needs_native = pytest.mark.skipif(_ext.EXT is None, reason="lift_kernels._C is not built")
+
+
+@needs_native
+def test_native_selection_seed_is_the_generators_first_draw():
+    """Real runs are unchanged: the native op gets the seed a plain randint draw gives."""
+    from lift_kernels import native_ops
+
+    # Every singular value of W is 1: its best rank-1 approximation is whatever direction the random
+    # sketch starts from, so the selection depends on the seed (lra_rank 1 keeps the Krylov basis,
+    # 294 columns, narrower than the matrix: the randomized path, not the exact SVD).
+    W = torch.linalg.qr(torch.randn(352, 320, generator=torch.Generator().manual_seed(1))).Q.mT[None]
+    idx = native_ops.principal_weights(W, 3000, 1, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    assert torch.equal(idx, torch.ops.lift_kernels.principal_weights(W, 3000, 1, True, seed))
+    # and another seed gives another selection, so the comparison above can fail
+    assert not torch.equal(idx, torch.ops.lift_kernels.principal_weights(W, 3000, 1, True, seed + 1))
+
+
+@needs_native
+def test_fake_selection_consumes_the_same_randomness_as_a_real_one():
+    from lift_kernels import native_ops
+
+    real_gen, fake_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    native_ops.principal_weights(torch.randn(96, 80), 300, 4, generator=real_gen)
+    with FakeTensorMode():
+        out = native_ops.principal_weights(torch.randn(96, 80), 300, 4, generator=fake_gen)
+    assert is_fake(out) and out.shape == (300,)
+    assert torch.equal(real_gen.get_state(), fake_gen.get_state())
