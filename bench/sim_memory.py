@@ -46,6 +46,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lift_kernels as lk
 
+from lift_kernels.optim.gathered_grad import GatheredGrad
 from lift_kernels.reference.lowrank import DEFAULT_OVERSAMPLE, DEFAULT_PASSES
 
 GIB = 1 << 30
@@ -100,6 +101,13 @@ class SelectionAwareTracker(MemTracker):
                 self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
+    def _update_and_maybe_create_winfos(self, t, reftype, update_existing=False):
+        # A GatheredGrad (LIFT's p.grad in sparse-gradient mode) holds its k fp32 values and the
+        # optimizer's own idx: only the values are gradient memory; idx stays optimizer state.
+        if isinstance(t, GatheredGrad) and reftype == _MemRefType.GRAD:
+            t = t.values
+        return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
     def _update_peak_stats(self, peak_state) -> None:
         # Only the global peak is reported. MemTracker also updates every active module's own peak,
         # a loop over all modules after every op: O(layers^2) work, 10 minutes for LoRA's 32 layers.
@@ -116,30 +124,38 @@ class SelectionAwareTracker(MemTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def label_lift_tensors(self, opt) -> None:
-        """Count what LIFTAdamW's post-accumulate-grad hook makes as optimizer memory, and the gradients it
-        gathers as gradients.
+        """Count what LIFTAdamW's gradient hooks make as optimizer memory, and the gradients they
+        gather as gradients.
 
-        The hook runs in backward, where MemTracker calls every new tensor a temporary; there it selects
-        (state, and the selection's temporaries, as MemTracker counts step()'s) and gathers. A gradient
-        hook, which runs just before the optimizer's hook, switches to optimizer labelling; a
-        post-accumulate-grad hook registered after the optimizer's runs after it, switches back and
-        relabels that weight's gathered gradient."""
-        def start(grad: torch.Tensor) -> None:
-            self._in_opt = True
+        The hooks run in backward, where MemTracker calls every new tensor a temporary; there LIFTAdamW
+        selects (state, and the selection's temporaries, as MemTracker counts step()'s) and gathers.
+        Its two per-weight hook methods are wrapped to switch MemTracker to optimizer labelling while
+        they run; after the post-accumulate one, the weight's gathered gradient (p.grad, a GatheredGrad
+        holding k fp32 values, or the optimizer's buffer for sharded weights) is relabelled."""
+        before, after = opt._before_accumulate, opt._after_accumulate
 
-        def finish(p: torch.Tensor) -> None:
-            self._in_opt = False
-            g = opt._sparse_grads.get(p)  # LIFTAdamW's buffer of gathered fp32 gradients
+        def labelled(method):
+            def run(p: torch.Tensor) -> None:
+                self._in_opt = True
+                try:
+                    method(p)
+                finally:
+                    self._in_opt = False
+            return run
+
+        def after_and_relabel(p: torch.Tensor) -> None:
+            labelled(after)(p)
+            g = p.grad if p.grad is not None else opt._sparse_grads.get(p)
             if g is not None:
                 self._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
 
-        lift = opt.lift_parameters()
-        self._lift_hooks = [p.register_hook(start) for p in lift] + \
-            [p.register_post_accumulate_grad_hook(finish) for p in lift]
+        opt._before_accumulate, opt._after_accumulate = labelled(before), after_and_relabel
+        self._lift_opt, self._lift_methods = opt, (before, after)
 
     def __exit__(self, *args):
-        for h in getattr(self, "_lift_hooks", []):
-            h.remove()
+        if getattr(self, "_lift_opt", None) is not None:
+            del self._lift_opt._before_accumulate, self._lift_opt._after_accumulate  # the class's methods again
+            self._lift_opt = None
         return super().__exit__(*args)
 
 

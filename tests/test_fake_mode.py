@@ -28,9 +28,9 @@ def test_two_steps_with_a_refresh_under_fake_mode(monkeypatch, backend, svd):
         lift = opt.lift_parameters()
         for _ in range(2):  # step 1 selects, step 2 re-selects (2 % update_interval == 0)
             model(torch.randn(8, 352, dtype=torch.bfloat16)).float().square().mean().backward()
-            # the sparse-grad hook gathered (k,) fp32 gradients and freed the dense ones
-            assert all(p.grad is None for p in lift)
-            assert [tuple(opt._sparse_grads[p].shape) for p in lift] == [(2 * (320 + 352),), (2 * (24 + 320),)]
+            # the sparse-grad hook gathered (k,) fp32 gradients into p.grad (a GatheredGrad)
+            assert [tuple(p.grad.values.shape) for p in lift] == [(2 * (320 + 352),), (2 * (24 + 320),)]
+            assert all(is_fake(p.grad.values) and p.grad.values.dtype == torch.float32 for p in lift)
             opt.step()
             opt.zero_grad()
     for p in lift:

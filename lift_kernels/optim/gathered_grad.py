@@ -46,6 +46,15 @@ class GatheredGrad(Tensor):
         r.values, r.idx = values, idx
         return r
 
+    # A traceable wrapper subclass: torch's tools that walk tensor storages (MemTracker, FSDP's and
+    # the compiler's flattening) see the k values and indices it holds, not m*n phantom entries.
+    def __tensor_flatten__(self):
+        return ["values", "idx"], self.dtype  # the weight's dtype; the values are fp32
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta, outer_size, outer_stride):
+        return GatheredGrad(inner["values"], inner["idx"], _Like(outer_size, meta))
+
     def __repr__(self) -> str:
         return (f"GatheredGrad(shape={tuple(self.shape)}, k={self.values.numel()} selected entries, "
                 f"norm={float(self.values.norm()):.6g})")
@@ -80,6 +89,13 @@ class GatheredGrad(Tensor):
             "zeroing and GradScaler work on it; for code that needs the whole gradient (or another "
             "optimizer on these weights), build LIFTAdamW with sparse_grad=False, or delete the "
             "sparse-gradient LIFTAdamW first (its hooks go away with it)")
+
+
+class _Like:
+    """Shape and dtype of the weight a GatheredGrad stands for, when only those are at hand."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = torch.Size(shape), dtype
 
 
 def _unwrap(t):
