@@ -1,20 +1,27 @@
-"""Benchmark of the LIFT sparse AdamW step on 4 layers of LLaMA-2-7B shapes (issue 3).
+"""Benchmark of the LIFT sparse AdamW step on 4 layers of LLaMA-2-7B shapes (issue 3), or on the CPU
+on SmolLM2-135M's 210 matrices at rank 16 (issue 13).
 
-For each weight dtype: the fused Triton step (one launch for the 28 weights), the plain-torch step
-(the reference op), torch.optim.AdamW(fused=True) over the dense weights, the device's copy
+GPU, for each weight dtype: the fused Triton step (one launch for the 28 weights), the plain-torch
+step (the reference op), torch.optim.AdamW(fused=True) over the dense weights, the device's copy
 bandwidth, and the step's floor = bytes it must touch / copy bandwidth, where the bytes are the
 indices, the moments read and written, and the 32-byte sectors of grad (read) and weight (read and
-written) that the actual indices hit. Prints a table; ``--out`` writes JSON.
+written) that the actual indices hit.
+CPU, for each thread count of --threads and each dtype, in one process on the same weights: the C++
+step of lift_kernels._C (one call for the 210 weights), the plain-torch reference step,
+torch.optim.AdamW(fused=True) and AdamW(foreach=True) over the dense weights, medians of --repeats
+runs. Target: the C++ step <= 0.25x fused dense AdamW. Prints a table; ``--out`` writes JSON.
 
     python bench/bench_sparse_adamw_step.py --out bench/results/sparse_adamw_step.json
-    TRITON_INTERPRET=1 python bench/bench_sparse_adamw_step.py --small   # CPU smoke run
+    python bench/bench_sparse_adamw_step.py --out bench/results/cpu-amd-epyc/sparse_adamw_step.json  # CPU
+    python bench/bench_sparse_adamw_step.py --small   # CPU smoke run
 """
 from __future__ import annotations
 
 import torch
 
-from bench_utils import (DTYPES, copy_bandwidth_gbs, dense_fused_adamw_ms, environment, parser, print_table,
-                         settings, time_ms, weight_set, write_results)
+from bench_utils import (DTYPES, copy_bandwidth_gbs, cpu_threads, dense_fused_adamw_ms, environment, parser,
+                         print_table, settings, time_ms, weight_set, write_results)
+from lift_kernels import native_ops
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import sparse_adamw_step as plain_torch_step
 
@@ -23,6 +30,8 @@ SECTOR = 32
 # plain torch / fused >= 2
 TARGETS = {"fused_over_floor_max": 1.25, "dense_over_fused_min": {"fp32": 5.0, "bf16": 3.5, "fp16": 3.5},
            "plain_over_fused_min": 2.0}
+# Target of issue 13 on the CPU: the C++ step takes at most a quarter of fused dense AdamW's time
+CPU_TARGETS = {"cpp_over_dense_fused_max": 0.25}
 HP = dict(step=10, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
 
 
@@ -88,9 +97,64 @@ def bench_dtype(cfg: dict, name: str, bandwidth_gbs: float) -> dict:
     return result
 
 
+def bench_dtype_cpu(cfg: dict, name: str) -> dict:
+    """The C++ step, the reference step and dense fused / foreach AdamW on the same weights, at each
+    thread count (the weights are made once; each step runs on its own moments)."""
+    device, dtype, repeats = cfg["device"], DTYPES[name], cfg["repeats"]
+    params, grads, idxs = weight_set(cfg, dtype)
+
+    def run(step_fn):
+        exp_avgs = [torch.zeros(i.numel()) for i in idxs]
+        exp_avg_sqs = [torch.zeros(i.numel()) for i in idxs]
+        return lambda: step_fn(params, grads, idxs, exp_avgs, exp_avg_sqs, None, **HP)
+
+    touched = bytes_touched(params, idxs)
+    result = {"weights": len(params), "weight_entries": sum(p.numel() for p in params),
+              "density": touched["entries"] / sum(p.numel() for p in params), "bytes_touched": touched,
+              "by_threads": {}}
+    for n in cfg["threads"]:
+        with cpu_threads(n):
+            bandwidth = copy_bandwidth_gbs(device, 1 << 28)
+            r = {"copy_bandwidth_gbs": bandwidth, "floor_ms": touched["total_bytes"] / (bandwidth * 1e9) * 1e3,
+                 "cpp_step": time_ms(run(native_ops.sparse_adamw_step), device, repeats),
+                 "plain_torch": time_ms(run(plain_torch_step), device, repeats),
+                 "dense_fused_adamw": dense_fused_adamw_ms(params, grads, device, repeats),
+                 "dense_foreach_adamw": dense_fused_adamw_ms(params, grads, device, repeats, impl="foreach")}
+        cpp_ms = r["cpp_step"]["median_ms"]
+        r["ratios"] = {"cpp_over_dense_fused": cpp_ms / r["dense_fused_adamw"]["median_ms"],
+                       "cpp_over_dense_foreach": cpp_ms / r["dense_foreach_adamw"]["median_ms"],
+                       "plain_over_cpp": r["plain_torch"]["median_ms"] / cpp_ms,
+                       "cpp_over_floor": cpp_ms / r["floor_ms"]}
+        r["targets_met"] = {"cpp_step_<=_0.25x_dense_fused_adamw":
+                            r["ratios"]["cpp_over_dense_fused"] <= CPU_TARGETS["cpp_over_dense_fused_max"]}
+        result["by_threads"][str(n)] = r
+    return result
+
+
+def main_cpu(args, cfg: dict) -> None:
+    results = {"benchmark": "sparse_adamw_step", **environment(cfg["device"]), "settings": cfg,
+               "hyperparameters": HP, "targets": CPU_TARGETS, "by_dtype": {}}
+    rows = []
+    for name in cfg["dtypes"]:
+        res = results["by_dtype"][name] = bench_dtype_cpu(cfg, name)
+        for n, r in res["by_threads"].items():
+            rows.append([name, n, r["cpp_step"]["median_ms"], r["plain_torch"]["median_ms"],
+                         r["dense_fused_adamw"]["median_ms"], r["dense_foreach_adamw"]["median_ms"], r["floor_ms"],
+                         r["ratios"]["cpp_over_dense_fused"], r["ratios"]["plain_over_cpp"],
+                         "yes" if all(r["targets_met"].values()) else "no"])
+    print(f"{results['device']} ({results['cpu_capability']}): {cfg['model']}, {cfg['layers']} layers, "
+          f"rank {cfg['rank']}, median of {cfg['repeats']} runs")
+    print_table(rows, ["dtype", "threads", "C++ ms", "reference ms", "dense fused ms", "dense foreach ms",
+                       "floor ms", "C++/fused", "reference/C++", "target met"])
+    write_results(args.out, results)
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     cfg = settings(args)
+    if cfg["device"] == "cpu":
+        main_cpu(args, cfg)
+        return
     bandwidth = copy_bandwidth_gbs(cfg["device"], (1 << 30) if cfg["device"] == "cuda" else (1 << 24))
     results = {"benchmark": "sparse_adamw_step", **environment(cfg["device"]), "settings": cfg,
                "hyperparameters": HP, "copy_bandwidth_gbs": bandwidth, "targets": TARGETS, "by_dtype": {}}

@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kTile = 256;                  // entries per gather / update / scatter round (2 KiB of stack)
 constexpr int64_t kGrain = int64_t(1) << 15;    // fewer entries than this run on one thread
+constexpr int64_t kAhead = 64;                  // prefetch distance of the gathers, in entries
 
 // The scalars torch.optim.AdamW derives from the hyperparameters in double precision, as the fp32
 // values its tensor ops use (a Python float scalar reaches an fp32 kernel rounded to fp32).
@@ -150,10 +151,17 @@ bool update_entries(const Weight& w, int64_t lo, int64_t hi, TileFn tile_fn, con
       in_range = false;
       continue;
     }
-    for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>(grad[kGathered ? t + i : idx[i]]);
+    // Gather, asking for the lines kAhead entries on: the indices are sorted but their gaps are
+    // irregular, which the hardware prefetchers do not follow well (SmolLM2-135M, rank 16, one
+    // thread: 76 -> 57 ms per step).
     float* wt = kMaster ? w.master + t : x;
-    if constexpr (!kMaster)
-      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(param[idx[i]]);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t ahead = w.idx[std::min(t + i + kAhead, hi - 1)];
+      if constexpr (!kGathered) __builtin_prefetch(grad + ahead, 0);
+      __builtin_prefetch(param + ahead, 1);  // read, then written
+      g[i] = static_cast<float>(grad[kGathered ? t + i : idx[i]]);
+      if constexpr (!kMaster) x[i] = static_cast<float>(param[idx[i]]);
+    }
     tile_fn(wt, w.exp_avg + t, w.exp_avg_sq + t, g, n, h);
     for (int64_t i = 0; i < n; ++i) param[idx[i]] = static_cast<P>(wt[i]);  // round to nearest even
   }
