@@ -7,10 +7,9 @@ machine (SmolLM2-135M's first selection, rank 16, lra_rank 32, whole model, benc
 beside a busy process, buckets one after the other with two threads took 133 s (exact) and 20 s
 (fast); side by side with one thread each 18 s and 6.2 s, and alone 5.8 s and 6.3 s (before: 10.5 s
 and 5.0 s). A 576x576 SVD took 52 ms alone and 0.5-8.9 s beside a busy process with two threads.
-So independent jobs (the buckets of matrices of
-one shape) run side by side on a pool of workers, and torch's threads are shared out among them:
-with no more threads than jobs, one each, so no job joins threads, and a descheduled worker
-delays only its own job.
+So independent jobs (the buckets of matrices of one shape) run side by side on a pool of workers,
+and torch's threads are shared out among them: with no more threads than jobs, one each, so no job
+joins threads, and a descheduled worker delays only its own job.
 """
 from __future__ import annotations
 
