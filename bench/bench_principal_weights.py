@@ -25,6 +25,7 @@ is bench_selection_cpu.py.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -152,7 +153,10 @@ def bench_dtype(cfg: dict, name: str, lra_rank: int) -> dict:
         extra = peak_extra_bytes(run, cfg["device"])
         out["methods"][method_name] = {**timing, "peak_extra_bytes": extra,
                                        "peak_extra_fraction": None if extra is None else extra / weight_bytes}
-    out["exact_svd"] = exact_extrapolated_ms(bs, cfg["rank"], lra_rank, cfg["device"])
+    # on the CPU at the first thread count (the default count, 2 OpenMP threads on a shared 2-core machine,
+    # made one SVD take seconds)
+    with cpu_threads(cfg["threads"][0]) if cfg["device"] == "cpu" else contextlib.nullcontext():
+        out["exact_svd"] = exact_extrapolated_ms(bs, cfg["rank"], lra_rank, cfg["device"])
     return out
 
 
@@ -168,7 +172,8 @@ def main() -> None:
     for name in cfg["dtypes"]:
         results["dtypes"][name] = bench_dtype(cfg, name, lra_rank)
     agreement_layers = 2 if args.small else cfg["layers"] if cpu else smollm2.LAYERS
-    results["agreement_smollm2"] = agreement_on_smollm2(cfg["device"], agreement_layers)
+    with cpu_threads(cfg["threads"][0]) if cpu else contextlib.nullcontext():
+        results["agreement_smollm2"] = agreement_on_smollm2(cfg["device"], agreement_layers)
 
     agreement = results["agreement_smollm2"]
     lift = "lift_kernels op (fast)"
