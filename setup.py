@@ -28,7 +28,10 @@ def native_extensions():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # No -std flag: torch.utils.cpp_extension adds the C++ standard the installed torch's headers
     # require (C++17 up to 2.12, C++20 from 2.13; >= 2.14 refuses anything older than C++20).
-    cxx = ["-O3"]
+    # -fno-math-errno lets sqrt vectorize (torch builds with it too); -ffp-contract=off keeps
+    # a*b+c rounded twice unless a kernel asks for a fused multiply-add (sparse_adamw_step matches
+    # torch's rounding operation by operation, whatever -march a user adds).
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("LIFT_NO_CUDA", "0") != "1")
     if with_cuda and not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):

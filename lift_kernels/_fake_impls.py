@@ -10,6 +10,12 @@ def _remap_state_fake(old_idx, new_idx, states):
     return [s.new_empty(new_idx.shape) for s in states]
 
 
+@torch.library.register_fake("lift_kernels::sparse_adamw_step")
+def _sparse_adamw_step_fake(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, step, lr, beta1, beta2, eps,
+                            weight_decay):
+    return None  # updates its arguments in place (declared in the schema), returns nothing
+
+
 @torch.library.register_fake("lift_kernels::principal_weights")
 def _principal_weights_fake(W, k, lra_rank, largest, seed):
     return W.new_empty((W.shape[0], k), dtype=torch.int32)

@@ -19,7 +19,8 @@ OPS = ("sparse_adamw_step", "remap_state", "principal_weights")
 
 # Order of preference per op and device type when nothing is forced.
 _PREFERENCE = {
-    "sparse_adamw_step": {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)},
+    # on the CPU, "cuda" is _C's fused C++ step (csrc/cpu/sparse_adamw_step_cpu.cpp)
+    "sparse_adamw_step": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cuda", "reference")},
     "remap_state": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cuda", "reference")},
     "principal_weights": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")},
 }

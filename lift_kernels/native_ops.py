@@ -10,6 +10,14 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 
+def sparse_adamw_step(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], masters: list[Tensor | None] | None = None, *, step: int,
+                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    # masters=None is the empty list of the schema: no weight has a master copy
+    torch.ops.lift_kernels.sparse_adamw_step(params, grads, idxs, exp_avgs, exp_avg_sqs,
+                                             [] if masters is None else masters, step, float(lr), beta1,
+                                             beta2, eps, weight_decay)
+
 
 def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
     return list(torch.ops.lift_kernels.remap_state(old_idx, new_idx, states))

@@ -1,11 +1,12 @@
-"""The Triton sparse AdamW step against the reference op (on CPU under TRITON_INTERPRET=1)."""
+"""The Triton sparse AdamW step (on CPU under TRITON_INTERPRET=1) and the C++ CPU step of
+lift_kernels._C against the reference op."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import lift_kernels as lk
-from lift_kernels import backend
+from lift_kernels import _ext, backend, native_ops
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import sparse_adamw_step as reference_step
 from sm90_compile import triton_facts
@@ -19,23 +20,23 @@ CALLS = [(1, 1e-2), (2, 3e-3), (9, 2e-2)]
 HP = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
 
-def _case(dtype, gathered: bool, masters: bool, shapes=SHAPES):
+def _case(dtype, gathered: bool, masters: bool, shapes=SHAPES, device=DEVICE):
     """Fresh random weights, sorted int32 indices, moments and (optionally) fp32 master copies."""
     case = {"params": [], "idxs": [], "exp_avgs": [], "exp_avg_sqs": [], "masters": []}
     for shape, k in shapes:
-        p = torch.randn(shape, device=DEVICE).to(dtype)
-        idx = torch.randperm(p.numel(), device=DEVICE)[:k].sort().values.to(torch.int32)
+        p = torch.randn(shape, device=device).to(dtype)
+        idx = torch.randperm(p.numel(), device=device)[:k].sort().values.to(torch.int32)
         case["params"].append(p)
         case["idxs"].append(idx)
-        case["exp_avgs"].append(0.01 * torch.randn(k, device=DEVICE))
-        case["exp_avg_sqs"].append(1e-4 * torch.rand(k, device=DEVICE))
+        case["exp_avgs"].append(0.01 * torch.randn(k, device=device))
+        case["exp_avg_sqs"].append(1e-4 * torch.rand(k, device=device))
         case["masters"].append(p.view(-1)[idx.long()].float() if masters else None)
     case["grads"] = [_grads(case, dtype, gathered) for _ in CALLS]
     return case
 
 
 def _grads(case, dtype, gathered: bool):
-    grads = [torch.randn(p.shape, device=DEVICE).to(dtype) for p in case["params"]]
+    grads = [torch.randn(p.shape, device=p.device).to(dtype) for p in case["params"]]
     return [g.view(-1)[i.long()].clone() for g, i in zip(grads, case["idxs"])] if gathered else grads
 
 
@@ -189,3 +190,144 @@ def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
                                  cpu["exp_avgs"], cpu["exp_avg_sqs"], step=1, lr=1e-3, **HP)
     finally:
         backend._CACHE.clear()
+
+
+# ------------------------------------------------------------------------ the C++ CPU step (_C)
+needs_cpp = pytest.mark.skipif(not _ext.has_native_op("sparse_adamw_step", "cpu"),
+                               reason=f"lift_kernels._C has no CPU sparse_adamw_step ({_ext.EXT_ERROR})")
+
+
+@needs_cpp
+@pytest.mark.parametrize("masters", [False, True], ids=["no_master", "master"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
+def test_cpp_fp32_matches_reference(gathered, masters):
+    case = _case(torch.float32, gathered, masters, device="cpu")
+    got, want = _run(native_ops.sparse_adamw_step, case), _run(reference_step, case)
+    for g, w in zip(_updated(got), _updated(want)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpp
+@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["lerp_from_grad", "lerp_from_moment"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpp_moments_round_exactly_as_torch(dtype, beta1):
+    """The moments involve no sqrt, so they are bit-identical to the reference's: lerp and addcmul
+    round as torch's kernels round on this CPU (fused multiply-add or not, both lerp formulas)."""
+    case = _case(dtype, True, False, device="cpu")
+    states = []
+    for fn in (native_ops.sparse_adamw_step, reference_step):
+        state = {key: [t.clone() for t in case[key]] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
+        for (step, lr), grads in zip(CALLS, case["grads"]):
+            fn(state["params"], grads, state["idxs"], state["exp_avgs"], state["exp_avg_sqs"], step=step, lr=lr,
+               **{**HP, "beta1": beta1})
+        states.append(state)
+    for key in ("exp_avgs", "exp_avg_sqs"):
+        for g, w in zip(states[0][key], states[1][key]):
+            assert torch.equal(g, w), key
+
+
+@needs_cpp
+@pytest.mark.parametrize("masters", [False, True], ids=["no_master", "master"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpp_low_precision_error_at_most_twice_torch(dtype, gathered, masters):
+    case = _case(dtype, gathered, masters, device="cpu")
+    got, torch_same = _run(native_ops.sparse_adamw_step, case), _run(reference_step, case)
+    oracle = _run(_fp64_step, case, cast=torch.float64)
+    for g, t, o in zip(_updated(got), _updated(torch_same), _updated(oracle)):
+        if o.numel() == 0:
+            continue
+        err_kernel = (g.double() - o).abs().max().item()
+        err_torch = (t.double() - o).abs().max().item()
+        slack = 1e-6 * o.abs().max().item()
+        assert err_kernel <= 2 * err_torch + slack, (g.dtype, tuple(g.shape), err_kernel, err_torch)
+
+
+@needs_cpp
+def test_cpp_many_weights_split_over_threads_match_one_thread_and_reference():
+    """Mixed sizes (tiny to 100k entries, k = 0 too) in one call: the entries of all weights are split
+    over the threads, ranges crossing weight boundaries. Two threads give exactly one thread's result."""
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 400, (60, 2), generator=g).tolist() + [[300, 700], [1, 1], [4097, 3]]
+    shapes = [((m, n), int(torch.randint(0, m * n + 1, (1,), generator=g))) for m, n in sizes]
+    shapes[5] = ((17, 9), 0)
+    case = _case(torch.bfloat16, False, True, shapes, device="cpu")
+    assert sum(k for _, k in shapes) > 4 * 2**15  # several parallel ranges of the kernel
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(native_ops.sparse_adamw_step, case)
+        torch.set_num_threads(2)
+        two = _run(native_ops.sparse_adamw_step, case)
+    finally:
+        torch.set_num_threads(threads)
+    want = _run(reference_step, case)
+    for a, b, w in zip(_updated(one), _updated(two), _updated(want)):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=2**-7 if a.dtype == torch.bfloat16 else 1e-6, atol=1e-7)
+
+
+@needs_cpp
+def test_cpp_weights_of_several_dtypes_in_one_call():
+    """fp32, bf16 and fp16 weights with dense (some non-contiguous) and gathered grads of other
+    dtypes, masters for some weights only, beta1 < 0.5 and a small lr: all in one call."""
+    shapes = [((33, 65), 400), ((9, 4), 0), ((123, 77), 4097)]
+    cases = [_case(dtype, gathered, dtype != torch.float32, shapes, device="cpu")
+             for dtype, gathered in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, False))]
+    merged = {key: sum((c[key] for c in cases), []) for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs", "masters")}
+    grads = sum((c["grads"][0] for c in cases), [])
+    grads[0] = grads[0].t().contiguous().t()
+    grads[3] = grads[3].float()  # a gathered fp32 grad for a bf16 weight
+    assert not grads[0].is_contiguous()
+    results = []
+    for fn in (native_ops.sparse_adamw_step, reference_step):
+        state = {key: [None if t is None else t.clone() for t in ts] for key, ts in merged.items()}
+        fn(state["params"], grads, state["idxs"], state["exp_avgs"], state["exp_avg_sqs"], state["masters"], step=4,
+           lr=3e-4, **{**HP, "beta1": 0.3})
+        results.append(state)
+    for g, w in zip(_updated(results[0]), _updated(results[1])):
+        torch.testing.assert_close(g, w, rtol=1e-6 if g.dtype == torch.float32 else 2**-7, atol=1e-7)
+
+
+@needs_cpp
+def test_cpp_op_declares_its_mutations():
+    case = _case(torch.bfloat16, True, True, SHAPES[:3], device="cpu")
+    args = (case["params"], case["grads"][0], case["idxs"], case["exp_avgs"], case["exp_avg_sqs"],
+            case["masters"], 3, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+    torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, args)
+    no_masters = (*args[:5], [], *args[6:])
+    torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, no_masters)
+
+
+@needs_cpp
+@pytest.mark.parametrize("broken, message", [
+    (lambda a: a.update(idxs=a["idxs"][:1]), r"grads, idxs, exp_avgs and exp_avg_sqs need one tensor per weight"),
+    (lambda a: a.update(masters=a["masters"][:1]), r"masters must be empty .* or hold one entry"),
+    (lambda a: a["exp_avgs"].__setitem__(1, a["exp_avgs"][1].double()), r"exp_avgs\[1\] must be a contiguous fp32"),
+    (lambda a: a["exp_avg_sqs"].__setitem__(0, a["exp_avg_sqs"][0][:-1]), r"exp_avg_sqs\[0\] must be .* length k="),
+    (lambda a: a["masters"].__setitem__(1, a["masters"][1].bfloat16()), r"masters\[1\] must be a contiguous fp32"),
+    (lambda a: a["grads"].__setitem__(0, a["grads"][0][:5]), r"grads\[0\] must have the weight's shape"),
+    (lambda a: a["grads"].__setitem__(0, a["grads"][0].double()), r"grads\[0\] must be fp32, bf16 or fp16"),
+    (lambda a: a["idxs"].__setitem__(0, a["idxs"][0].long()), r"idxs\[0\] must be a contiguous 1-D int32"),
+    (lambda a: a["idxs"].__setitem__(1, a["idxs"][1] + 10**6), r"idxs\[1\] must be sorted flat indices in \[0, "),
+    (lambda a: a["idxs"][1].__setitem__(2000, 10**6), r"an index in idxs lies outside its weight"),
+    (lambda a: a["params"].__setitem__(0, a["params"][0].t()), r"params\[0\] must be contiguous"),
+    (lambda a: a["params"].__setitem__(0, a["params"][0].double()), r"params\[0\] must be fp32, bf16 or fp16"),
+    (lambda a: a.update(step=0), r"step .* must be >= 1"),
+], ids=["list_lengths", "masters_length", "moment_dtype", "moment_length", "master_dtype", "grad_shape",
+        "grad_dtype", "idx_dtype", "idx_range", "idx_inner_out_of_range", "param_layout", "param_dtype", "step"])
+def test_cpp_bad_inputs_raise_errors_naming_the_argument(broken, message):
+    case = _case(torch.float32, False, True, [((40, 30), 100), ((64, 100), 4097)], device="cpu")
+    args = {key: list(case[key]) for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs", "masters")}
+    args.update(grads=list(case["grads"][0]), step=1)
+    broken(args)
+    with pytest.raises(RuntimeError, match=message):
+        native_ops.sparse_adamw_step(args["params"], args["grads"], args["idxs"], args["exp_avgs"],
+                                     args["exp_avg_sqs"], args["masters"], step=args["step"], lr=1e-3, **HP)
+
+
+@needs_cpp
+def test_cpp_step_is_the_cpu_default_and_the_reference_can_be_forced(monkeypatch):
+    assert backend.choose("sparse_adamw_step", "cpu")[0] == "cuda"
+    monkeypatch.setenv("LIFT_BACKEND", "reference")
+    assert backend.choose("sparse_adamw_step", "cpu") == ("reference", "forced by LIFT_BACKEND=reference")

@@ -33,12 +33,14 @@ std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Ten
     TORCH_CHECK(s.dim() == 1 && s.numel() == k_old,
                 "remap_state: every state must be 1-D with as many entries as old_idx");
     auto sc = s.contiguous();
-    auto r = at::zeros({k_new}, s.options());
+    // Every entry is written here (0 where new), in one pass and on this thread: at::zeros would
+    // first fill the output with torch's threads, a fork and join per state that costs more than
+    // the remap beside a busy process (2 threads: 1.4 s instead of 19 ms for SmolLM2's 420 states).
+    auto r = at::empty({k_new}, s.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "remap_state_cpu", [&] {
       const scalar_t* in = sc.data_ptr<scalar_t>();
       scalar_t* dst = r.data_ptr<scalar_t>();
-      for (int64_t j = 0; j < k_new; ++j)
-        if (src[j] >= 0) dst[j] = in[src[j]];
+      for (int64_t j = 0; j < k_new; ++j) dst[j] = src[j] >= 0 ? in[src[j]] : scalar_t(0);
     });
     out.push_back(r);
   }

@@ -12,6 +12,7 @@ from .. import ops
 from ..distributed.placement import local_tensor
 from ..distributed.route import chunk_indices
 from ..reference.select import select_indices
+from .cpu_threads import run_jobs
 from .validation import budget
 
 # Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
@@ -43,6 +44,7 @@ def select_group(group: dict, params: list[Tensor], t: int, positions: dict[int,
     by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
         by_shape[(p.shape, p.dtype, p.device)].append(p)
+    chunks, jobs = [], []
     for (shape, _, _), ps in by_shape.items():
         k = budget(shape, group["rank"], group["density"])
         per_batch = max(1, SELECT_BUCKET_BYTES // (ps[0].numel() * ps[0].element_size()))
@@ -50,10 +52,18 @@ def select_group(group: dict, params: list[Tensor], t: int, positions: dict[int,
             chunk = ps[start:start + per_batch]
             gen = selection_generator(seed, positions[id(chunk[0])], t)
             compute = partial(local_indices, group, k=k, generator=gen)
-            idxs = chunk_indices(group, chunk, k, gen, grads, compute, selection_group)
-            for p, new_idx in zip(chunk, idxs):
-                install_selection(p, states[p], new_idx.contiguous(), uses_master(group, p))
-                states[p]["selected_at"] = t
+            chunks.append(chunk)
+            jobs.append(partial(chunk_indices, group, chunk, k, gen, grads, compute, selection_group))
+    # Largest chunks first, so that side by side they finish together; installed in their own order.
+    order = sorted(range(len(jobs)), key=lambda i: -sum(p.numel() for p in chunks[i]))
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    single_process = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    results = run_jobs([jobs[i] for i in order], on_cpu, side_by_side=single_process)
+    idxs_of = dict(zip(order, results))
+    for i, chunk in enumerate(chunks):
+        for p, new_idx in zip(chunk, idxs_of[i]):
+            install_selection(p, states[p], new_idx.contiguous(), uses_master(group, p))
+            states[p]["selected_at"] = t
 
 
 def local_indices(group: dict, W: Tensor, grad: Tensor | None, *, k: int,
