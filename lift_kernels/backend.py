@@ -79,7 +79,10 @@ def _why_not(op: str, backend: str, device_type: str) -> str | None:
     if _ext.EXT is None:
         return _ext.EXT_ERROR or "lift_kernels._C is not built"
     if not _ext.has_native_op(op, device_type):
-        return f"lift_kernels._C has no {device_type} kernel for {op} (built without it)"
+        other = "cpu" if device_type != "cpu" else "cuda"
+        why = ("it has one for {} tensors only".format(other) if _ext.has_native_op(op, other)
+               else "built without it")
+        return f"lift_kernels._C has no {device_type} kernel for {op} ({why})"
     return None
 
 
