@@ -2,11 +2,11 @@
 __version__ = "0.1.0"
 
 from . import _ext  # noqa: E402,F401  (loads lift_kernels._C or warns once)
-from .delta import apply_delta, remove_delta, save_delta  # noqa: E402
+from .delta import DeltaError, apply_delta, remove_delta, save_delta  # noqa: E402
 from .info import info  # noqa: E402
 from .ops import principal_weights, remap_state, sparse_adamw_step  # noqa: E402
 from .optim import LIFTAdamW, lift_param_groups  # noqa: E402
 from .distributed import sparse_allreduce_hook  # noqa: E402
 
-__all__ = ["LIFTAdamW", "apply_delta", "info", "lift_param_groups", "principal_weights", "remap_state",
+__all__ = ["DeltaError", "LIFTAdamW", "apply_delta", "info", "lift_param_groups", "principal_weights", "remap_state",
            "remove_delta", "save_delta", "sparse_adamw_step", "sparse_allreduce_hook", "__version__"]
