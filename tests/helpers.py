@@ -36,3 +36,41 @@ def selected_mask(p, opt) -> torch.Tensor:
     mask = torch.zeros(p.numel(), dtype=torch.bool)
     mask[opt.state[p]["idx"].long()] = True
     return mask.view_as(p)
+
+
+TRAJECTORY_STEPS = 14  # refreshes at steps 3, 6, 9, 12
+
+
+def backend_trajectory(model, monkeypatch, forced: str | None, device="cpu", dtype=torch.float32,
+                       steps: int = TRAJECTORY_STEPS):
+    """``steps`` steps of LIFTAdamW under LIFT_BACKEND=forced (None: the default choice) on a copy of
+    ``model``, two LIFT groups with their own lr and a scheduler, refreshes every 3 steps; returns
+    the parameters after each step. svd="exact": the selection is the reference's under every
+    backend, so differences come from the step and the remap."""
+    import copy
+
+    import lift_kernels as lk
+    from lift_kernels import backend
+
+    if forced is None:
+        monkeypatch.delenv("LIFT_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("LIFT_BACKEND", forced)
+    backend._CACHE.clear()
+    model = copy.deepcopy(model).to(device, dtype)
+    groups = [
+        {"params": [model.up.weight], "lift": True, "lr": 2e-2},
+        {"params": [model.down.weight], "lift": True, "lr": 5e-3, "weight_decay": 0.0},
+        {"params": [model.up.bias, *model.norm.parameters()], "lift": False},
+    ]
+    opt = lk.LIFTAdamW(groups, rank=2, lra_rank=3, update_interval=3, svd="exact", weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
+    g = torch.Generator().manual_seed(1)
+    trajectory = []
+    for _ in range(steps):
+        x, y = (t.to(device, dtype) for t in make_batch(generator=g))
+        loss_step(model, opt, x, y)
+        sched.step()
+        trajectory.append([p.detach().clone() for p in model.parameters()])
+    backend._CACHE.clear()
+    return trajectory

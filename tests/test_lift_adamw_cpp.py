@@ -2,46 +2,20 @@
 the reference step (LIFT_BACKEND=reference) to fp32 rounding, refreshes and schedules included."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-import lift_kernels as lk
-from lift_kernels import _ext, backend, native_ops
-from helpers import TinyMLP, loss_step, make_batch
+from lift_kernels import _ext, native_ops
+from helpers import TRAJECTORY_STEPS, TinyMLP, backend_trajectory
 
-STEPS = 14  # refreshes at steps 3, 6, 9, 12
+STEPS = TRAJECTORY_STEPS
 
 pytestmark = pytest.mark.skipif(not _ext.has_native_op("sparse_adamw_step", "cpu"),
                                 reason=f"lift_kernels._C has no CPU sparse_adamw_step ({_ext.EXT_ERROR})")
 
 
 def _train(model, monkeypatch, forced: str | None, dtype=torch.float32):
-    """STEPS steps of LIFTAdamW (LIFT_BACKEND=forced, or the default); the parameters after each."""
-    if forced is None:
-        monkeypatch.delenv("LIFT_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("LIFT_BACKEND", forced)
-    backend._CACHE.clear()
-    model = copy.deepcopy(model).to(dtype)
-    groups = [
-        {"params": [model.up.weight], "lift": True, "lr": 2e-2},
-        {"params": [model.down.weight], "lift": True, "lr": 5e-3, "weight_decay": 0.0},
-        {"params": [model.up.bias, *model.norm.parameters()], "lift": False},
-    ]
-    # svd="exact": the selection does not depend on the backend, so differences come from the step
-    opt = lk.LIFTAdamW(groups, rank=2, lra_rank=3, update_interval=3, svd="exact", weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
-    g = torch.Generator().manual_seed(1)
-    trajectory = []
-    for _ in range(STEPS):
-        x, y = (t.to(dtype) for t in make_batch(generator=g))
-        loss_step(model, opt, x, y)
-        sched.step()
-        trajectory.append([p.detach().clone() for p in model.parameters()])
-    backend._CACHE.clear()
-    return trajectory
+    return backend_trajectory(model, monkeypatch, forced, dtype=dtype, steps=STEPS)
 
 
 def test_default_cpu_step_is_the_cpp_kernel_and_follows_the_reference(monkeypatch):

@@ -1,18 +1,14 @@
 """LIFTAdamW with the Triton kernels (LIFT_BACKEND=triton) follows the reference trajectory."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-import lift_kernels as lk
-from lift_kernels import backend
 from lift_kernels._triton_loader import load_kernel_module
-from helpers import TinyMLP, loss_step, make_batch
+from helpers import TRAJECTORY_STEPS, TinyMLP, backend_trajectory
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-STEPS = 14  # refreshes at steps 3, 6, 9, 12
+STEPS = TRAJECTORY_STEPS
 
 
 class _LaunchCounter:
@@ -27,28 +23,7 @@ class _LaunchCounter:
 
 
 def _train(model, backend_name, monkeypatch, dtype=torch.float32):
-    """STEPS steps of LIFTAdamW under LIFT_BACKEND=backend_name; returns the parameters after each."""
-    monkeypatch.setenv("LIFT_BACKEND", backend_name)
-    backend._CACHE.clear()
-    model = copy.deepcopy(model).to(DEVICE, dtype)
-    groups = [
-        {"params": [model.up.weight], "lift": True, "lr": 2e-2},
-        {"params": [model.down.weight], "lift": True, "lr": 5e-3, "weight_decay": 0.0},
-        {"params": [model.up.bias, *model.norm.parameters()], "lift": False},
-    ]
-    # svd="exact": the selection is then the reference's under both backends, so any difference
-    # comes from the step and the remap
-    opt = lk.LIFTAdamW(groups, rank=2, lra_rank=3, update_interval=3, svd="exact", weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
-    g = torch.Generator().manual_seed(1)
-    trajectory = []
-    for _ in range(STEPS):
-        x, y = (t.to(DEVICE, dtype) for t in make_batch(generator=g))
-        loss_step(model, opt, x, y)
-        sched.step()
-        trajectory.append([p.detach().clone() for p in model.parameters()])
-    backend._CACHE.clear()
-    return trajectory
+    return backend_trajectory(model, monkeypatch, backend_name, DEVICE, dtype, steps=STEPS)
 
 
 def test_trajectory_with_refreshes_and_per_group_schedule_matches_reference(monkeypatch):
