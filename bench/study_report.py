@@ -44,7 +44,11 @@ def _load(out: str) -> tuple[dict, list[dict]]:
 
 
 def _matches(run: dict, cfg: dict, rank: int) -> bool:
-    return run["steps"] == cfg["steps"] and run["batch"] == cfg["batch"] and run["rank"] == rank
+    """A run of this study's scale, scored on the same problems and texts (other --val/--test/--texts
+    need their own --out: run keys name the training, not the scoring)."""
+    return (run["steps"] == cfg["steps"] and run["batch"] == cfg["batch"] and run["rank"] == rank
+            and len(run["val_correct"]) == cfg["val"] and len(run["test_correct"]) == cfg["test"]
+            and len(run["text_nll"]) == cfg["texts"])
 
 
 def summarize(out: str, lrs: dict, cfg: dict, rank: int) -> dict:
