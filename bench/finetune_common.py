@@ -63,12 +63,16 @@ def default_device() -> torch.device:
 
 
 def run_finetune(out_dir: str, *flags: str) -> dict:
-    """Run lift-finetune in this process and return its summary (reusing a finished run's summary)."""
-    from lift_kernels.finetune import cli
+    """Run lift-finetune in this process and return its summary.
+
+    A finished run (summary.json) is reused; an interrupted one continues from its latest checkpoint.
+    """
+    from lift_kernels.finetune import checkpoint, cli
 
     summary_path = os.path.join(out_dir, "summary.json")
     if not os.path.exists(summary_path):
-        cli.main(["--output-dir", out_dir, *flags])
+        interrupted = os.path.isdir(out_dir) and checkpoint.checkpoint_files(out_dir)
+        cli.main(["--output-dir", out_dir, *flags, *(["--resume"] if interrupted else [])])
     with open(summary_path) as f:
         return json.load(f)
 

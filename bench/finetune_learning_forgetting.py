@@ -1,102 +1,210 @@
-"""Section 7.1 on SmolLM2-135M: learning (target accuracy) vs forgetting (source perplexity).
+"""Section 7.1 on SmolLM2-135M: learning (target accuracy) vs forgetting (source perplexity), with seeds.
 
-Fine-tunes on the built-in arithmetic word problems with LIFT, full fine-tuning and LoRA (LoRA at
-the same trainable count as LIFT), each over the learning rates the paper searched, through
-lift-finetune itself. Target: held-out exact-match accuracy before and after. Source: perplexity on
-held-out English text (standard-library docstrings) of the base model and of base + each run's delta.
-The paper (LLaMA-3.2-3B / LLaMA-3-8B, MATH-10K, commonsense as source) finds LIFT best on both.
+Methods: LIFT, full fine-tuning, LoRA (same trainable count as LIFT) and the ablations magnitude and
+random (LIFT's optimizer, same count, other selection), all trained through lift-finetune itself on
+the built-in arithmetic word problems. Protocol:
 
-    python bench/finetune_learning_forgetting.py --out bench/results/forgetting      # GPU, full
-    python bench/finetune_learning_forgetting.py --out /tmp/forgetting --small       # CPU smoke
+1. Learning-rate search: every learning rate of a method's grid on seed 0; the best by exact match
+   on a validation split of the held-out problems (the first ``--val`` of them).
+2. Seeds 1 .. ``--seeds``-1 at each method's chosen learning rate (seed 0 is the search run).
+3. Scoring per run: greedy exact match on the test split (the next ``--test`` held-out problems,
+   disjoint from validation and training) and the perplexity change on held-out standard-library
+   docstrings from the base model (forgetting). Intervals: 95% t over seeds, and a bootstrap over
+   seeds and problems / texts (bench/study_stats.py), which also gives the paired differences.
+
+Resumable: each run's result is bench/results/.../runs/<method>-lr<lr>-seed<seed>-....json; a rerun skips
+finished runs, and ``--workers`` processes share the list. LIFT, full FT and LoRA go first, then the
+ablations, so a study cut short still answers the main question.
+
+    python bench/finetune_learning_forgetting.py --out bench/results/study/forgetting --workers 2   # CPU study
+    python bench/finetune_learning_forgetting.py --out /tmp/forgetting --small                    # CPU smoke
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
 
-import lift_kernels as lk
-from finetune_common import default_device, environment, heldout_text, load_builtin, pyplot, run_finetune, write_json
-from lift_kernels.finetune.evaluate import perplexity
+from finetune_common import default_device, environment, run_finetune
+from study_runs import RunStore
 
-# The paper's learning-rate search (Appendix F): Full FT {1e-5..1e-4}, the others {5e-5..5e-4}.
-FULL_LRS = {"lift": [5e-5, 1e-4, 2e-4, 5e-4], "lora": [5e-5, 1e-4, 2e-4, 5e-4], "full": [1e-5, 2e-5, 5e-5, 1e-4]}
-SMALL_LRS = {"lift": [2e-4], "lora": [2e-4], "full": [2e-5]}
-SMALL_FLAGS = ["--max-steps", "2", "--max-eval", "4", "--max-new-tokens", "16", "--batch-size", "4"]
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| method | lr | trainable | target acc. before -> after | source ppl before -> after | best lr |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['acc_before']:.3f} -> "
-                     f"{r['acc_after']:.3f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} "
-                     f"({100 * (r['ppl_after'] / r['ppl_before'] - 1):+.1f}%) | {'*' if r['best'] else ''} |")
-    return "\n".join(lines) + "\n"
+MAIN, ABLATIONS = ("lift", "full", "lora"), ("magnitude", "random")
+# Two learning rates per method: the top of the paper's grids (Appendix F: full FT 1e-5..1e-4, the
+# others 5e-5..5e-4), since a run of tens of steps needs the larger steps of those grids.
+# The ablations run at LIFT's chosen rate (AS_LIFT): they share LIFT's optimizer and budget, so
+# holding every hyperparameter fixed isolates the one thing they change, the selection.
+AS_LIFT = "as-lift"
+FULL_LRS = {"lift": [2e-4, 5e-4], "full": [5e-5, 1e-4], "lora": [2e-4, 5e-4],
+            "magnitude": AS_LIFT, "random": AS_LIFT}
+SMALL_LRS = {"lift": [2e-4, 5e-4], "lora": [5e-4], "random": AS_LIFT}
+# Sized for a shared 2-core CPU (bench/results/study/README.md): ~8 min per run, two runs at a time.
+FULL = {"steps": 24, "batch": 8, "seeds": 3, "val": 60, "test": 300, "texts": 32, "new_tokens": 20}
+SMALL = {"steps": 2, "batch": 4, "seeds": 2, "val": 4, "test": 4, "texts": 4, "new_tokens": 8}
 
 
-def plot(rows: list[dict], path: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("lift", "o"), ("full", "s"), ("lora", "^")):
-        mine = [r for r in rows if r["method"] == method]
-        ax.scatter([100 * (r["ppl_after"] / r["ppl_before"] - 1) for r in mine], [r["acc_after"] for r in mine],
-                   marker=marker, label=method)
-        for r in mine:
-            ax.annotate(f"{r['lr']:g}", (100 * (r["ppl_after"] / r["ppl_before"] - 1), r["acc_after"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("source perplexity change (%), forgetting")
-    ax.set_ylabel("target accuracy after fine-tuning, learning")
-    ax.legend()
-    ax.set_title("SmolLM2-135M: learning vs forgetting")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def run_key(method: str, lr: float, seed: int, cfg: dict, rank: int) -> str:
+    return f"{method}-lr{lr:g}-seed{seed}-steps{cfg['steps']}-batch{cfg['batch']}-rank{rank}"
+
+
+def plan(lrs: dict, cfg: dict, rank: int) -> list[tuple]:
+    """(key, method, lr, seed, phase) in priority order; seed runs of a method wait for its search.
+
+    Seeds go round the methods (seed 1 of each, then seed 2 of each), so a study cut short has
+    its methods at equal numbers of seeds.
+    """
+    jobs = []
+    for group in (MAIN, ABLATIONS):
+        methods = [m for m in group if m in lrs]
+        jobs += [(run_key(m, lr, 0, cfg, rank), m, lr, 0, "search") for m in methods if lrs[m] != AS_LIFT
+                 for lr in lrs[m]]
+        first = {m: 0 if lrs[m] == AS_LIFT else 1 for m in methods}
+        jobs += [(None, m, None, s, "seed") for s in range(cfg["seeds"]) for m in methods if s >= first[m]]
+    return jobs
+
+
+def chosen_lr(store: RunStore, method: str, lrs: dict, cfg: dict, rank: int) -> float | None:
+    """Best validation accuracy on seed 0 (ties: lower final training loss); None until all are done."""
+    if lrs[method] == AS_LIFT:
+        return chosen_lr(store, "lift", lrs, cfg, rank)
+    keys = [run_key(method, lr, 0, cfg, rank) for lr in lrs[method]]
+    if not all(store.done(k) for k in keys):
+        return None
+    results = [store.load(k) for k in keys]
+    best = max(results, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
+    return best["lr"]
+
+
+def train_and_score(scorer, key: str, method: str, lr: float, seed: int, cfg: dict, rank: int, runs_dir: str,
+                    extra: list[str]) -> dict:
+    folder = os.path.join(runs_dir, key)
+    flags = ["--method", method, "--lr", str(lr), "--seed", str(seed), "--rank", str(rank),
+             "--max-steps", str(cfg["steps"]), "--batch-size", str(cfg["batch"]), "--save-every", "0",
+             # lift-finetune's own evaluation is skipped in effect (one problem, one token): the study
+             # scores every run itself on the validation and test splits below.
+             "--max-eval", "1", "--max-new-tokens", "1", *extra]
+    if not os.path.exists(os.path.join(folder, "summary.json")):
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted run restarts (no mid-run checkpoints)
+    began = time.time()
+    summary = run_finetune(folder, *flags)
+    scores = scorer.score(os.path.join(folder, "delta.safetensors"))
+    for path in glob.glob(os.path.join(folder, "checkpoint-*.pt")):  # optimizer state: GBs, not needed
+        os.remove(path)
+    history = summary_history(folder)
+    n_val = cfg["val"]
+    correct = scores["correct"]
+    return {"key": key, "method": method, "lr": lr, "seed": seed, "steps": cfg["steps"], "batch": cfg["batch"],
+            "rank": rank, "trainable": summary["trainable_entries"], "flags": flags,
+            "val_accuracy": statistics.fmean(correct[:n_val]), "test_accuracy": statistics.fmean(correct[n_val:]),
+            "val_correct": correct[:n_val], "test_correct": correct[n_val:],
+            "test_generated": scores["generated"][n_val:],
+            "text_nll": scores["text_nll"], "text_tokens": scores["text_tokens"],
+            "loss": [h["loss"] for h in history], "final_loss": statistics.fmean(h["loss"] for h in history[-8:]),
+            "train_seconds": summary["phase_seconds"].get("train"), "wall_seconds": round(time.time() - began, 1)}
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of ``name`` in the flags passed on to lift-finetune (``--name v`` or ``--name=v``)."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def summary_history(folder: str) -> list[dict]:
+
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+def work(args, lrs: dict, cfg: dict) -> None:
+    """Work through the plan until every run is done or claimed by another live worker."""
+    from study_eval import Scorer
+
+    store = RunStore(os.path.join(args.out, "runs"))
+    scorer = None
+    while True:
+        progressed, waiting = False, False
+        for key, method, lr, seed, phase in plan(lrs, cfg, args.rank):
+            if phase == "seed":
+                lr = chosen_lr(store, method, lrs, cfg, args.rank)
+                if lr is None:
+                    waiting = True
+                    continue
+                key = run_key(method, lr, seed, cfg, args.rank)
+            if not store.claim(key):
+                waiting = waiting or not store.done(key)
+                continue
+            try:
+                if scorer is None:
+                    scorer = Scorer(default_device(), cfg["val"] + cfg["test"], cfg["texts"],
+                                    max_new_tokens=cfg["new_tokens"], model=_flag(args.extra, "--model"))
+                    if store.claim("base"):  # the base model's scores, once for all workers
+                        try:
+                            store.save("base", {"key": "base", **scorer.score(None)})
+                        finally:
+                            store.release("base")
+                print(f"study: {key}", flush=True)
+                store.save(key, train_and_score(scorer, key, method, lr, seed, cfg, args.rank, args.runs, args.extra))
+            finally:
+                store.release(key)
+            progressed = True
+            break  # re-plan: a finished search may have unblocked seed runs of higher priority
+        if not progressed:
+            if not waiting:
+                return
+            time.sleep(15)  # another worker holds the runs this one waits for
+
+
+def spawn_workers(n: int) -> None:
+    """``n`` copies of this command as workers, one thread each (they share the cores with others)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "OMP_WAIT_POLICY": "PASSIVE"}
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop this command's --workers N / --workers=N
+        if skip or a.startswith("--workers"):
+            skip = a == "--workers" and not skip
+            continue
+        argv.append(a)
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *argv, "--workers", "0"], env=env) for _ in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a worker failed: exit codes {codes}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for the runs, forgetting.json/.md/.png")
-    p.add_argument("--small", action="store_true", help="CPU smoke run: one lr per method, 2 steps, 4 problems")
+    p.add_argument("--out", required=True, help="results folder: runs/*.json, forgetting.json/.md/.png")
+    p.add_argument("--runs", default=None, help="lift-finetune output folders (large; default <out>/train, "
+                                                "not meant for git)")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: LIFT and LoRA, 2 steps, 8 problems")
     p.add_argument("--rank", type=int, default=16, help="LIFT budget and LoRA rank (same trainable count)")
-    p.add_argument("--texts", type=int, default=None, help="held-out docstrings (default 200, small 16)")
-    args, extra = p.parse_known_args()  # anything else goes to lift-finetune (e.g. --epochs 1)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (0: work in this process only)")
+    for name in ("steps", "seeds", "val", "test", "texts"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"default {FULL[name]} (small {SMALL[name]})")
+    p.add_argument("--report-only", action="store_true", help="tables and plots from the finished runs")
+    args, args.extra = p.parse_known_args()  # anything else goes to lift-finetune
+    cfg = dict(SMALL if args.small else FULL)
+    cfg.update({k: getattr(args, k) for k in ("steps", "seeds", "val", "test", "texts") if getattr(args, k)})
     lrs = SMALL_LRS if args.small else FULL_LRS
-    flags = (SMALL_FLAGS if args.small else []) + ["--rank", str(args.rank), *extra]
+    args.runs = args.runs or os.path.join(args.out, "train")
     os.makedirs(args.out, exist_ok=True)
-    device = default_device()
-    texts = heldout_text(args.texts or (16 if args.small else 200))
+    if not args.report_only:
+        if args.workers > 1:
+            spawn_workers(args.workers)
+        else:
+            work(args, lrs, cfg)
+    if args.workers != 0:  # workers leave the report to the command that started them
+        from study_report import report
 
-    runs = []
-    for method, method_lrs in lrs.items():
-        for lr in method_lrs:
-            folder = os.path.join(args.out, f"{method}-lr{lr:g}")
-            runs.append((method, lr, folder, run_finetune(folder, "--method", method, "--lr", str(lr), *flags)))
-
-    model, tokenizer = load_builtin(device)
-    model.requires_grad_(False)
-    ppl_before = perplexity(model, tokenizer, texts, device)
-    rows = []
-    for method, lr, folder, summary in runs:
-        delta = os.path.join(folder, "delta.safetensors")
-        lk.apply_delta(model, delta)
-        ppl_after = perplexity(model, tokenizer, texts, device)
-        lk.remove_delta(model, delta)  # exact: the next run starts from the same base
-        rows.append({"method": method, "lr": lr, "trainable": summary["trainable_entries"],
-                     "acc_before": summary["accuracy_base"], "acc_after": summary["accuracy_finetuned"],
-                     "ppl_before": ppl_before, "ppl_after": ppl_after, "run": folder})
-    for method in lrs:  # the paper reports each method at its best learning rate
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r["acc_after"])
-        for r in rows:
-            if r["method"] == method:
-                r["best"] = r is best
-    result = {"experiment": "Section 7.1: learning vs forgetting", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "rank": args.rank, "flags": flags, "texts": len(texts), "rows": rows, "small": args.small,
-              "environment": environment(device)}
-    write_json(os.path.join(args.out, "forgetting.json"), result)
-    with open(os.path.join(args.out, "forgetting.md"), "w") as f:
-        f.write(table(rows))
-    plot(rows, os.path.join(args.out, "forgetting.png"))
-    print(table(rows))
+        report(args.out, lrs, cfg, args.rank, environment(default_device()), seeds_wanted=cfg["seeds"])
 
 
 if __name__ == "__main__":
