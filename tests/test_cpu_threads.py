@@ -46,3 +46,25 @@ def test_selection_does_not_depend_on_the_thread_count():
     one, two = _with_threads(1, select), _with_threads(2, select)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+def test_jobs_stay_in_the_calling_thread_under_a_dispatch_mode():
+    """FakeTensorMode and MemTracker are per-thread modes: selection jobs must not escape them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Threads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(threading.get_ident())
+            return func(*args, **(kwargs or {}))
+
+    def job():
+        return torch.ones(8, 8).matmul(torch.ones(8, 2)).sum()
+
+    with intra_op_threads(2), Threads() as mode:
+        out = run_jobs([job for _ in range(4)], on_cpu=True)
+    assert [float(o) for o in out] == [128.0] * 4
+    assert mode.seen == {threading.get_ident()}

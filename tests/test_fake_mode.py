@@ -6,6 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import lift_kernels as lk
 from lift_kernels import _ext
+from lift_kernels.optim.cpu_threads import intra_op_threads
 from lift_kernels.reference import topk_flat_indices
 
 
@@ -21,7 +22,8 @@ def _model():
 def test_two_steps_with_a_refresh_under_fake_mode(monkeypatch, backend, svd):
     if backend:
         monkeypatch.setenv("LIFT_BACKEND", backend)
-    with FakeTensorMode():
+    # two intra-op threads: the selection would run its buckets on worker threads, outside the mode
+    with intra_op_threads(2), FakeTensorMode():
         model = _model()
         opt = lk.LIFTAdamW(model.parameters(), rank=2, lra_rank=1, update_interval=2, sparse_grad=True,
                            svd=svd)

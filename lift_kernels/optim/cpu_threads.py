@@ -46,10 +46,19 @@ def run_jobs(jobs: list[Callable[[], T]], on_cpu: bool, side_by_side: bool = Tru
     if not on_cpu:
         return [job() for job in jobs]
     threads = torch.get_num_threads()
-    workers = min(threads, len(jobs)) if side_by_side else 1
+    workers = min(threads, len(jobs)) if side_by_side and not modes_active() else 1
     with intra_op_threads(max(1, threads // workers) if side_by_side else 1):
         if workers <= 1:
             return [job() for job in jobs]
         # a new thread takes torch's thread count (set just above) when it first runs an op
         with ThreadPoolExecutor(workers, thread_name_prefix="lift-select") as pool:
             return list(pool.map(lambda job: job(), jobs))
+
+
+def modes_active() -> bool:
+    """Whether a dispatch or function mode is active here (FakeTensorMode, MemTracker, ``with
+    torch.device(...)``): modes are per thread, so jobs on worker threads would escape them."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return bool(_get_current_dispatch_mode_stack()) or bool(_get_current_function_mode_stack())
