@@ -70,6 +70,7 @@ def plot(rows: list[dict], base_ppl: float, path: str, title: str) -> None:
         ax.fill_between([100 * d for d in dens], [c[1] for c in ci], [c[2] for c in ci], alpha=0.2)
     ax.axhline(base_ppl, color="gray", linestyle="--", label="no noise")
     ax.set_xscale("log")
+    ax.set_xticks(sorted({100 * r["density"] for r in rows}))  # label the measured densities themselves
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("entries with noise (% of each matrix)")
