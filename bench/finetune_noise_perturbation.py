@@ -21,11 +21,11 @@ import time
 import torch
 
 from finetune_common import default_device, environment, heldout_text, pyplot, write_json
-from lift_kernels.finetune import model as model_io
+from lift_finetune import model as model_io
 from study_runs import RunStore
 from study_stats import t_interval
-from lift_kernels.finetune.evaluate import perplexity
-from lift_kernels.finetune.methods import target_matrices
+from lift_finetune.evaluate import perplexity
+from lift_finetune.methods import target_matrices
 from lift_kernels.reference.select import select_indices
 
 SELECTORS = ("lift", "magnitude", "random")

@@ -12,9 +12,9 @@ import torch
 
 import lift_kernels as lk
 from finetune_common import heldout_text
-from lift_kernels.finetune import data, model as model_io
-from lift_kernels.finetune.evaluate import accuracy
-from lift_kernels.finetune.features import resolve_style
+from lift_finetune import data, model as model_io
+from lift_finetune.evaluate import accuracy
+from lift_finetune.features import resolve_style
 
 _BUILTIN_TRAIN, _BUILTIN_TEST = 5000, 500  # as lift-finetune builds the built-in set (run.py)
 

@@ -33,8 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._atomic import atomic_path
@@ -192,6 +190,8 @@ def save_delta(model: nn.Module, base_state_dict: Mapping[str, Tensor], path: st
         entries += idx.numel()
     metadata = {"format": _FORMAT, "weights": json.dumps(weights, sort_keys=True)}
     metadata["checksum"] = _checksum(tensors, metadata)
+    from safetensors.torch import save_file  # here, not at the top: `import lift_kernels` stays light
+
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -209,6 +209,8 @@ class _Change:
 def _read_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"delta file not found: {path}")
+    from safetensors import safe_open  # here, not at the top: `import lift_kernels` stays light
+
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}

@@ -12,7 +12,7 @@ from torch import nn
 
 import lift_kernels as lk
 from lift_kernels._digest import structure_digest
-from lift_kernels.finetune import checkpoint, schedule
+from lift_finetune import checkpoint, schedule
 
 
 def small_model(seed: int = 0) -> nn.Module:

@@ -16,7 +16,7 @@ def build_tiny_model(folder: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from lift_kernels.finetune.data import arithmetic_problems
+    from lift_finetune.data import arithmetic_problems
 
     train, _ = arithmetic_problems(300, 0)
     texts = [f"{ex.instruction} {ex.output}" for ex in train]

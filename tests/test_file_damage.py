@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import lift_kernels as lk
 from lift_kernels.delta import DeltaError
-from lift_kernels.finetune import checkpoint
+from lift_finetune import checkpoint
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -4,7 +4,7 @@ import torch
 from file_fixtures import small_run, snapshot, train_steps, write_checkpoint
 
 from lift_kernels._digest import structure_digest
-from lift_kernels.finetune import checkpoint
+from lift_finetune import checkpoint
 
 
 def _restored(path):

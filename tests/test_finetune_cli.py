@@ -10,8 +10,8 @@ from finetune_fixtures import build_tiny_model
 from safetensors import safe_open
 
 import lift_kernels as lk
-from lift_kernels.finetune import cli
-from lift_kernels.finetune import train as train_module
+from lift_finetune import cli
+from lift_finetune import train as train_module
 
 # Ranks that fit the tiny model's smallest matrix (k_proj, 16 x 32: at most rank 10).
 SMALL = ["--rank", "2", "--lra-rank", "2", "--batch-size", "4", "--max-eval", "6", "--max-new-tokens", "4",
@@ -229,7 +229,7 @@ def test_command_line_exit_status(tmp_path):
     """The real entry point: a non-zero status and the message on stderr."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "lift_kernels.finetune", "--data", str(tmp_path / "none.jsonl"),
+    proc = subprocess.run([sys.executable, "-m", "lift_finetune", "--data", str(tmp_path / "none.jsonl"),
                            "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 1

@@ -7,8 +7,8 @@ import torch
 import lift_kernels as lk
 
 transformers = pytest.importorskip("transformers")
-from lift_kernels.finetune import train as loop  # noqa: E402
-from lift_kernels.finetune.features import Features  # noqa: E402
+from lift_finetune import train as loop  # noqa: E402
+from lift_finetune.features import Features  # noqa: E402
 
 
 def test_logged_grad_norm_is_the_norm_lift_adamw_clips(tmp_path):

@@ -1,13 +1,13 @@
 """The built-in GGUF model (SmolLM2) works with transformers' Trainer and save_pretrained (issue 12, item 7).
 
 transformers marks a GGUF-loaded model as quantized although its weights are dequantized fp32;
-lift_kernels.finetune.model.load must hand back a plain model.
+lift_finetune.model.load must hand back a plain model.
 """
 import pytest
 import torch
 
 import smollm2
-from lift_kernels.finetune import model as model_io
+from lift_finetune import model as model_io
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import pytest
 from finetune_fixtures import build_tiny_model
 
-from lift_kernels.finetune import data, schedule
-from lift_kernels.finetune.evaluate import is_correct, last_number
-from lift_kernels.finetune.features import IGNORE, Features, collate, encode, prompt_text
+from lift_finetune import data, schedule
+from lift_finetune.evaluate import is_correct, last_number
+from lift_finetune.features import IGNORE, Features, collate, encode, prompt_text
 
 
 def test_builtin_problems_fixed_disjoint_and_correct():

@@ -1,5 +1,6 @@
 """LIFTAdamW inside transformers.Trainer and accelerate, on a tiny LlamaForCausalLM (CPU)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -36,6 +37,19 @@ def train_with_trainer(model, opt, tmp_path, trainer_cls, max_grad_norm=0.5):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
 
 
+def _record_norms(opt) -> list[float]:
+    """The values opt.clip_grad_norm_ returns from now on, as floats, in order."""
+    norms, clip = [], opt.clip_grad_norm_
+
+    def recording(*args, **kwargs):
+        norm = clip(*args, **kwargs)
+        norms.append(float(norm))
+        return norm
+
+    opt.clip_grad_norm_ = recording
+    return norms
+
+
 def test_plain_trainer_with_density_one_equals_torch_adamw(tmp_path):
     model = tiny_llama()
     twin = copy.deepcopy(model)
@@ -58,6 +72,7 @@ def test_lift_trainer_sparse_grads_equal_dense_grads_and_train_only_selected(tmp
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = lk.LIFTAdamW(lk.lift_param_groups(model), lr=1e-2, rank=2, lra_rank=4, update_interval=100,
                            sparse_grad=sparse)
+        clipped = _record_norms(opt)
         losses, trainer = train_with_trainer(model, opt, tmp_path / str(sparse), lk.integrations.hf.LIFTTrainer)
         runs.append((model, losses))
         q = model.model.layers[0].self_attn.q_proj.weight
@@ -66,7 +81,11 @@ def test_lift_trainer_sparse_grads_equal_dense_grads_and_train_only_selected(tmp
         selected[opt.state[q]["idx"].long()] = True
         assert changed.any() and not (changed & ~selected).any()  # no refresh in 5 steps
         assert torch.equal(model.model.embed_tokens.weight, start["model.embed_tokens.weight"])  # frozen
-        assert all(h.get("grad_norm", 1.0) > 0 for h in trainer.state.log_history)
+        # LIFTTrainer logs, at every optimizer step, the norm LIFTAdamW.clip_grad_norm_ returned.
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 5 and all("grad_norm" in h for h in logged), logged
+        assert [h["grad_norm"] for h in logged] == clipped
+        assert all(math.isfinite(n) and n > 0 for n in clipped), clipped
     (dense_model, dense_loss), (sparse_model, sparse_loss) = runs
     assert sparse_loss == pytest.approx(dense_loss, rel=1e-6)
     for p, q in zip(dense_model.parameters(), sparse_model.parameters()):

@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 from lift_kernels import _triton_loader
-from lift_kernels.finetune import cli
+from lift_finetune import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 samples of another, with Full FT, LIFT and weight-/gradient-magnitude sparse FT at equal trainable
 count. Prints a table of best validation loss per method and writes a PNG of the loss curves.
 
-    python -m lift_kernels.toy_experiment [--out lift_toy_results] [--seeds 3]
+    python bench/toy_experiment.py [--out lift_toy_results] [--seeds 3]
 
 Setup (the paper's where it gives one): f(X) = relu(X W) a with d=512, h=128, X ~ N(0, 1);
 pre-training on 5000 samples of Eq. 5, y = sum(X[:, :32]) + 0.1 sum(sin(X[:, 32:64])); fine-tuning
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .optim import LIFTAdamW
+from lift_kernels import LIFTAdamW
 
 D, H, N_PRE, N_FT, N_VAL = 512, 128, 5000, 100, 500
 
@@ -59,6 +59,13 @@ def pretrain(seed: int, steps: int) -> TwoLayer:
         nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
         opt.step()
     return model
+
+
+def finetune_data(seed: int) -> tuple:
+    """(x, y, x_val, y_val): the fine-tuning task's training and validation samples for ``seed``."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    x, xv = torch.randn(N_FT, D, generator=g), torch.randn(N_VAL, D, generator=g)
+    return x, finetune_labels(x), xv, finetune_labels(xv)
 
 
 def make_optimizer(model: TwoLayer, method: str, lr: float, rank: int, lra_rank: int, interval: int):
@@ -103,9 +110,7 @@ def run(args) -> tuple[dict, list[float]]:
     zero_baseline = []
     for seed in range(args.seeds):
         base = pretrain(seed, args.pretrain_steps)
-        g = torch.Generator().manual_seed(1000 + seed)
-        x, xv = torch.randn(N_FT, D, generator=g), torch.randn(N_VAL, D, generator=g)
-        data = (x, finetune_labels(x), xv, finetune_labels(xv))
+        data = finetune_data(seed)
         zero_baseline.append(data[3].square().mean().item())
         for method in methods:
             runs = [finetune(base, method, lr, data, args) for lr in args.lrs]

@@ -20,9 +20,11 @@ import warnings
 import torch
 from torch import nn
 
-from .._atomic import atomic_path
-from .._digest import structure_digest
+from lift_kernels._atomic import atomic_path
+from lift_kernels._digest import structure_digest
 
+# The format tags name the package's old home: they are file contents (checkpoints on disk carry
+# them), not import paths, so they stay as they are.
 FORMAT = "lift_kernels.finetune.checkpoint/2"
 # Written by lift_kernels 0.1, without a checksum: still resumed (with a warning and every other check).
 _LEGACY_FORMAT = "lift_kernels.finetune.checkpoint/1"

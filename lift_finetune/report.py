@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .._atomic import atomic_path, write_text_atomic
+from lift_kernels._atomic import atomic_path, write_text_atomic
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..delta import save_delta
+from lift_kernels import info, save_delta
 from . import checkpoint, data, evaluate, methods, model as model_io, report, schedule
-from .cli import ACCEL_DEFAULTS, CPU_DEFAULTS
 from .features import encode, resolve_style
 from .train import LoopConfig, steps_per_epoch, train
 
 _BUILTIN_TRAIN, _BUILTIN_TEST = 5000, 500
+# Run length by device, for the flags left unset. CPU: 32 steps of 8 problems and 64 held-out problems,
+# sized to finish well under 10 minutes on a busy 2-core machine (measurements in the README).
+# Accelerator: 3 epochs over the built-in training set, as the paper's math runs, and the whole held-out set.
+CPU_DEFAULTS = {"max_steps": 32, "epochs": None, "batch_size": 8, "max_eval": 64}
+ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": None}
 # Flags that change the trajectory: a checkpoint resumes only a run with the same values.
 _FINGERPRINT = ("model", "data", "eval_data", "method", "target_modules", "rank", "lra_rank", "update_interval",
                 "svd", "lr", "schedule", "warmup", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
@@ -133,8 +137,6 @@ class Prepared:
 
 def _kernels_line(device: torch.device) -> str:
     """Which lift_kernels build runs: a user (and CI) sees at once whether the compiled extension loaded."""
-    from .. import info
-
     facts = info()
     ext = facts["extension"]
     built = "compiled extension loaded" if ext["loaded"] else f"compiled extension NOT loaded: {ext['error']}"

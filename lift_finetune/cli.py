@@ -2,7 +2,8 @@
 
 With no flags it fine-tunes the built-in SmolLM2-135M-Instruct on the built-in arithmetic word
 problems with LIFT. Defaults that set the run's length depend on the device: on a CPU the default
-run finishes in minutes; on an accelerator it is the full run (3 epochs, the whole held-out set).
+run finishes in minutes; on an accelerator it is the full run (3 epochs, the whole held-out set);
+run.py fills them in once the device is known. Imports point one way: cli -> run, never back.
 """
 from __future__ import annotations
 
@@ -13,12 +14,6 @@ import sys
 from .features import PROMPT_STYLES
 from .methods import METHODS
 from .schedule import SCHEDULES
-
-# Run length by device. CPU: 32 steps of 8 problems and 64 held-out problems, sized to finish well
-# under 10 minutes on a busy 2-core machine (measurements in the README). Accelerator: 3 epochs over the
-# built-in training set, as the paper's math runs, and the whole held-out set.
-CPU_DEFAULTS = {"max_steps": 32, "epochs": None, "batch_size": 8, "max_eval": 64}
-ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": None}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,13 +123,14 @@ def _reexec_with_passive_openmp(argv: list[str]) -> None:
 # The restart must not put the working directory on sys.path (as `python -m` would): from a source
 # checkout's root, its top-level triton/ folder would be imported as a namespace package named
 # `triton` (transformers then believes Triton is installed and its model imports fail), and its
-# lift_kernels/ folder would shadow the installed package. `-c` puts '' first; the code drops it.
+# lift_kernels/ and lift_finetune/ folders would shadow the installed packages. `-c` puts '' first;
+# the code drops it.
 _SAFE_PATH = "import sys; sys.path.pop(0); "
 
 
 def reexec_command(argv: list[str]) -> list[str]:
     """The command line that restarts `lift-finetune` with ``argv``, without the working directory."""
-    code = _SAFE_PATH + "from lift_kernels.finetune.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = _SAFE_PATH + "from lift_finetune.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, *argv]
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..optim import LIFTAdamW, lift_param_groups
-from ..optim.validation import budget
+from lift_kernels import LIFTAdamW, lift_param_groups
+from lift_kernels.optim.validation import budget
 
 METHODS = ("lift", "full", "lora", "magnitude", "random")
 _SELECTOR = {"lift": "lift", "magnitude": "magnitude", "random": "random"}
