@@ -6,7 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..reference.select import SELECTORS, SVD_MODES
+from .selection import budget, check_selection
+
+__all__ = ["budget", "check_finite_weights", "check_hyperparameters", "check_lift_param", "check_seed",
+           "check_unchanged_shape"]
 
 
 def _is_int(v) -> bool:
@@ -52,10 +55,7 @@ def check_hyperparameters(group: dict) -> None:
     if group["master_weights"] not in (None, True, False):
         raise ValueError(f"master_weights must be True, False or None (on for bf16/fp16 weights), "
                          f"got {group['master_weights']!r}")
-    if group["selector"] not in SELECTORS:
-        raise ValueError(f"selector must be one of {SELECTORS}, got {group['selector']!r}")
-    if group["svd"] not in SVD_MODES:
-        raise ValueError(f"svd must be one of {SVD_MODES}, got {group['svd']!r}")
+    check_selection(group)
     if group["lift"] not in (None, True, False):
         raise ValueError(f"lift must be True, False or None (2-D tensors), got {group['lift']!r}")
 
@@ -65,15 +65,6 @@ def check_seed(seed) -> int:
         raise ValueError(f"seed must be an integer (it makes selections reproducible and resume-safe), "
                          f"got {seed!r}")
     return seed
-
-
-def check_selection_group(selection_group) -> None:
-    if selection_group is None or selection_group == "world":
-        return
-    import torch.distributed as dist
-    if not (dist.is_available() and isinstance(selection_group, dist.ProcessGroup)):
-        raise ValueError(f"selection_group must be 'world', None (each rank selects alone) or a "
-                         f"torch.distributed ProcessGroup, got {selection_group!r}")
 
 
 def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool = False) -> None:
@@ -96,14 +87,7 @@ def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool 
                          "call .data = .data.contiguous() on it before building the optimizer")
     if p.numel() >= 2**31:
         raise ValueError(f"LIFT weight {name} has {p.numel()} entries; int32 indices allow < 2**31")
-    m, n = p.shape
-    if group["selector"] == "lift" and group["lra_rank"] > min(m, n):
-        raise ValueError(f"lra_rank={group['lra_rank']} exceeds min(m, n)={min(m, n)} of {name} "
-                         f"(shape {m}x{n}); lower lra_rank for this group")
-    if budget(p.shape, group["rank"], group["density"]) == 0:
-        raise ValueError(f"density={group['density']} selects round({group['density']}*{m}*{n}) = 0 entries "
-                         f"of {name} (shape {m}x{n}), which would never be trained; raise density, or "
-                         "put that weight in a group with lift=False or leave it out")
+    check_selection(group, tuple(p.shape), name)
 
 
 def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> None:
@@ -114,13 +98,13 @@ def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> No
                          "after LIFTAdamW started training it; build a new optimizer for the new weights")
 
 
-def check_finite_weights(params: list, name_of: Callable) -> None:
-    """Selection (an SVD) of a weight with NaN or inf fails deep inside linalg; name the weight."""
+def check_finite_weights(params: list, name_of: Callable, local_tensor: Callable) -> None:
+    """Selection (an SVD) of a weight with NaN or inf fails deep inside linalg; name the weight.
+    ``local_tensor`` gives the part of a weight this process holds."""
     if not params:
         return
     from torch._subclasses.fake_tensor import is_fake
 
-    from ..distributed.placement import local_tensor
     if any(is_fake(local_tensor(p)) for p in params):
         return  # under FakeTensorMode (memory simulation) values are unknown: nothing to check
     device = local_tensor(params[0]).device
@@ -131,10 +115,3 @@ def check_finite_weights(params: list, name_of: Callable) -> None:
                          "before this step (lower lr, clip gradients, or use skip_nonfinite=True) or the "
                          "weights were loaded damaged")
 
-
-def budget(shape: torch.Size, rank: int, density: float | None) -> int:
-    """Selected entries per matrix: LoRA's count at ``rank``, or ``density`` of the entries."""
-    m, n = shape
-    if density is not None:
-        return int(round(density * m * n))
-    return min((m + n) * rank, m * n)
