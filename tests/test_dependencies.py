@@ -72,9 +72,9 @@ def imports_of(path: Path, root: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(module, is_package, node.level, node.module)
-            found.append((node.lineno, target))
-            # `from . import distributed` names the submodule in the alias
+            # `from . import distributed` names the submodule in the alias (the longest name first)
             found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+            found.append((node.lineno, target))
         elif isinstance(node, ast.Call) and (string := _string_import(node)) is not None:
             name, package = string
             if name.startswith(".") and package:  # relative to ``package``
@@ -86,16 +86,16 @@ def imports_of(path: Path, root: Path) -> list[tuple[int, str]]:
 
 def violations(root: Path) -> list[str]:
     """``file:line: module imports target (reason)`` for every import that breaks the layering."""
-    out = []
+    out = {}
     for path in sorted(root.rglob("*.py")):
         module, _ = _module_name(path, root)
         rules = _forbidden(module)
         for line, target in imports_of(path, root):
             for prefix, reason in rules:
-                if target == prefix or target.startswith(prefix + "."):
-                    out.append(f"{path.relative_to(root.parent)}:{line}: {module} imports {target} ({reason})")
-                    break
-    return sorted(set(out))
+                where = f"{path.relative_to(root.parent)}:{line}"
+                if (target == prefix or target.startswith(prefix + ".")) and (where, prefix) not in out:
+                    out[where, prefix] = f"{where}: {module} imports {target} ({reason})"
+    return sorted(out.values())
 
 
 def test_dependencies_point_one_way():
