@@ -1,5 +1,6 @@
 """The selectors of lift_kernels.optim.selection: movement (added as one function), the registry,
-and the row restriction the sharded (FSDP2) path uses."""
+and the row restriction the sharded (FSDP2) path uses. That gradient scorers keep the dense gradient
+on selecting steps only is tested with the "gradient" selector in test_sparse_grad.py."""
 import copy
 
 import pytest
@@ -8,7 +9,6 @@ import torch
 import lift_kernels as lk
 from helpers import TinyMLP, make_batch
 from lift_kernels.optim import selection
-from lift_kernels.optim.gathered_grad import GatheredGrad
 from lift_kernels.reference import principal_weights, topk_flat_indices
 
 
@@ -34,27 +34,6 @@ def test_movement_picks_the_largest_minus_w_times_grad(largest):
     # not the magnitude selection, nor the gradient selection: the product decides
     assert not torch.equal(idx, topk_flat_indices(w0.abs(), idx.numel(), largest))
     assert not torch.equal(idx, topk_flat_indices(grad.abs(), idx.numel(), largest))
-
-
-@pytest.mark.parametrize("sparse", [False, True])
-def test_movement_keeps_the_dense_gradient_on_selecting_steps_only(sparse):
-    torch.manual_seed(0)
-    model = TinyMLP()
-    w = model.up.weight
-    opt = lk.LIFTAdamW([w], rank=2, update_interval=2, selector="movement", sparse_grad=sparse)
-    x, y = make_batch()
-    whole = []
-    for _ in range(4):
-        reference = _grad_of(copy.deepcopy(model), x, y)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        dense = type(w.grad) is torch.Tensor and torch.equal(w.grad, reference)
-        whole.append(dense)
-        if not dense:  # the hooks gathered it (sparse mode) or masked it to the selection
-            k = opt.state[w]["idx"].numel()
-            assert isinstance(w.grad, GatheredGrad) if sparse else 0 < torch.count_nonzero(w.grad) <= k
-        opt.step()
-        opt.zero_grad()
-    assert whole == [True, True, False, True]  # selections before steps 1, 2 and 4 (t % 2 == 0)
 
 
 def test_movement_sparse_grad_mode_equals_dense_mode():
