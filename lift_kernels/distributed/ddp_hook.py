@@ -5,8 +5,10 @@ can carry, per LIFT weight, just its k selected entries (about 5% of the bytes a
 plus every entry of the other parameters. The averaged values are written back at their places in
 the bucket; the other entries of LIFT weights are left zero (no step reads them). Steps that need
 whole gradients all-reduce the bucket as plain DDP does: a selecting step (a weight without a
-selection yet, or one due for re-selection: selector="gradient" reads |grad|, and the step applies
-the gradient at the *new* indices, which the hook cannot know before the selection is made).
+selection yet, or one due for re-selection: a selector may score the gradient, and the step applies
+it at the *new* indices, which the hook cannot know before the selection is made). The hook asks the
+optimizer through its public methods (``selects_before_next_step``, ``selected_indices``,
+``next_step``).
 
     state = lk.sparse_allreduce_hook(opt)
     ddp_model.register_comm_hook(state, state.hook)   # or lk.distributed.sparse_allreduce_hook

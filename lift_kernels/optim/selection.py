@@ -66,7 +66,8 @@ class Selector:
     score: Callable[[Matrices], Tensor]
     needs_grad: bool = False  # scores the dense gradient of the selecting step (kept whole for it)
     uses_largest: bool = True  # False: the k largest scores whatever ``largest`` says (random)
-    # whole matrices only: a fused op returning the indices, equal to ranking ``score``
+    # whole matrices: one op that makes the same selection (lift: ops.principal_weights, whose
+    # kernels fuse the low-rank filter and the top-k); row blocks always rank ``score``
     fused: Callable[[Tensor, int, dict, torch.Generator], Tensor] | None = None
 
 
