@@ -111,8 +111,9 @@ def test_budget_and_its_checks():
     assert selection.budget((10, 20), 2, None) == 60
     assert selection.budget((4, 5), 9, None) == 20  # capped at m*n
     assert selection.budget((10, 20), 2, 0.05) == 10
+    options = dict(selector="lift", svd="fast", lra_rank=9, rank=1, density=None, update_interval=5, largest=True)
+    selection.check_selection(options)  # fits a group; a weight of 8x12 is too thin for lra_rank 9
     with pytest.raises(ValueError, match="lra_rank=9 exceeds min"):
-        selection.check_selection(dict(selector="lift", svd="fast", lra_rank=9, rank=1, density=None), (8, 12), "w")
+        selection.check_selection(options, (8, 12), "w")
     with pytest.raises(ValueError, match="selects round"):
-        selection.check_selection(dict(selector="magnitude", svd="fast", lra_rank=9, rank=1, density=1e-4),
-                                  (8, 12), "w")
+        selection.check_selection({**options, "selector": "magnitude", "density": 1e-4}, (8, 12), "w")

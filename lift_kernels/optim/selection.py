@@ -124,8 +124,33 @@ def budget(shape: tuple[int, int], rank: int, density: float | None) -> int:
     return min((m + n) * rank, m * n)
 
 
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
+
+
+def real(v) -> float | None:
+    """v as a float if it is a real number (not a bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
 def check_selection(group: dict, shape: tuple[int, int] | None = None, name: str = "") -> None:
-    """The selection options of a group (and, given a weight's shape, whether they fit it)."""
+    """The selection options of a group (and, given a weight's shape, whether they fit it): the one
+    check of them, for the optimizer's groups and for loaded checkpoints. Comparisons are written so
+    that NaN fails them."""
+    if not is_int(group["rank"]) or group["rank"] < 1:
+        raise ValueError(f"rank must be an integer >= 1 (the LoRA-equivalent budget), got {group['rank']!r}")
+    density = group["density"]
+    if density is not None and (real(density) is None or not 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1] or None (then rank sets the budget), got {density!r}")
+    if not is_int(group["lra_rank"]) or group["lra_rank"] < 1:
+        raise ValueError(f"lra_rank must be an integer >= 1, got {group['lra_rank']!r}")
+    if not is_int(group["update_interval"]) or group["update_interval"] < 1:
+        raise ValueError(f"update_interval must be an integer >= 1 (steps between re-selections), "
+                         f"got {group['update_interval']!r}")
+    if not isinstance(group["largest"], bool):
+        raise ValueError(f"largest must be True or False, got {group['largest']!r}")
     if group["selector"] not in SELECTORS:
         raise ValueError(f"selector must be one of {tuple(SELECTORS)}, got {group['selector']!r}")
     if group["svd"] not in SVD_MODES:

@@ -6,21 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from .selection import budget, check_selection
+from .selection import budget, check_selection, is_int, real
 
 __all__ = ["budget", "check_finite_weights", "check_hyperparameters", "check_lift_param", "check_seed",
            "check_unchanged_shape"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
-
-
-def _real(v) -> float | None:
-    """v as a float if it is a real number (not a bool), else None."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v)
 
 
 def check_hyperparameters(group: dict) -> None:
@@ -28,40 +17,27 @@ def check_hyperparameters(group: dict) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"lr must be a float or a one-element tensor, got shape {tuple(lr.shape)}")
-    lr_value = float(lr) if isinstance(lr, torch.Tensor) else _real(lr)
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) else real(lr)
     if lr_value is None or not 0.0 <= lr_value < math.inf:
         raise ValueError(f"lr must be >= 0 and finite, got {lr!r}")
     for key in ("eps", "weight_decay"):
-        v = _real(group[key])
+        v = real(group[key])
         if v is None or not 0.0 <= v < math.inf:
             raise ValueError(f"{key} must be >= 0 and finite, got {group[key]!r}")
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_real(b) is not None and 0.0 <= b < 1.0 for b in betas)):
+            or not all(real(b) is not None and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    if not _is_int(group["rank"]) or group["rank"] < 1:
-        raise ValueError(f"rank must be an integer >= 1 (the LoRA-equivalent budget), got {group['rank']!r}")
-    density = group["density"]
-    if density is not None and (_real(density) is None or not 0.0 < density <= 1.0):
-        raise ValueError(f"density must be in (0, 1] or None (then rank sets the budget), got {density!r}")
-    if not _is_int(group["lra_rank"]) or group["lra_rank"] < 1:
-        raise ValueError(f"lra_rank must be an integer >= 1, got {group['lra_rank']!r}")
-    if not _is_int(group["update_interval"]) or group["update_interval"] < 1:
-        raise ValueError(f"update_interval must be an integer >= 1 (steps between re-selections), "
-                         f"got {group['update_interval']!r}")
-    for key in ("largest",):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    check_selection(group)
     if group["master_weights"] not in (None, True, False):
         raise ValueError(f"master_weights must be True, False or None (on for bf16/fp16 weights), "
                          f"got {group['master_weights']!r}")
-    check_selection(group)
     if group["lift"] not in (None, True, False):
         raise ValueError(f"lift must be True, False or None (2-D tensors), got {group['lift']!r}")
 
 
 def check_seed(seed) -> int:
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer (it makes selections reproducible and resume-safe), "
                          f"got {seed!r}")
     return seed
