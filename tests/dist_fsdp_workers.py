@@ -144,6 +144,7 @@ def sharded_selection(rank, world, out_path):
     # wide enough for the block Krylov path (not the exact fallback), split basis and split sketch
     tall = torch.randn(700, 3, generator=g) @ torch.randn(3, 400, generator=g)
     tall += 0.05 * torch.randn(700, 400, generator=g)
+    G = torch.randn(96, 64, generator=g)  # the gradient the gradient scorers read
     report = {}
     for name, M, kw in (("ties_magnitude", ties, dict(selector="magnitude", rank=3)),
                         ("ties_smallest", ties, dict(selector="magnitude", rank=3, largest=False)),
@@ -151,13 +152,17 @@ def sharded_selection(rank, world, out_path):
                         ("exact", W, dict(selector="lift", svd="exact", density=0.05, lra_rank=6)),
                         ("fast_krylov_tall", tall, dict(selector="lift", svd="fast", density=0.05, lra_rank=2)),
                         ("fast_krylov_wide", tall.T.contiguous(), dict(selector="lift", svd="fast", density=0.05,
-                                                                     lra_rank=2))):
+                                                                     lra_rank=2)),
+                        ("movement", W, dict(selector="movement", density=0.05)),
+                        ("random", W, dict(selector="random", density=0.05))):
         p = torch.nn.Parameter(distribute_tensor(M.clone(), mesh, [Shard(0)]))
         q = torch.nn.Parameter(M.clone())
         opts = [lk.LIFTAdamW([x], seed=5, **kw) for x in (p, q)]
         opts[1].selection_group = None
-        for x, o in zip((p, q), opts):
-            x.grad = torch.zeros_like(x)
+        grads = (distribute_tensor(G.clone(), mesh, [Shard(0)]), G.clone()) if name == "movement" else \
+            (torch.zeros_like(p), torch.zeros_like(q))
+        for x, o, grad in zip((p, q), opts, grads):
+            x.grad = grad
             o.step()
         mine, ref = _global_idx(p, opts[0]), opts[1].state[q]["idx"]
         agreement = len(set(mine.tolist()) & set(ref.tolist())) / max(1, ref.numel())

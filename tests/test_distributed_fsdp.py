@@ -24,13 +24,14 @@ def test_fsdp2_reproduces_single_process_and_resumes_on_more_ranks(tmp_path):
     gradients) equal the single-process ones step by step, a perturbed shard is caught, and a
     checkpoint is written at step 4. 3 ranks: it loads and continues the same trajectory through a
     refresh; and DTensor weights on a bare DeviceMesh select as one process does (ties spread over
-    ranks, exact and fast low-rank paths)."""
+    ranks, exact and fast low-rank paths, movement and random scores restricted to the rows)."""
     ckpt, report_path = str(tmp_path / "ckpt"), tmp_path / "selection.json"
     run_ranks(2, workers.trajectories_and_save, ckpt)
     run_ranks(3, workers.resume_and_select, ckpt, str(report_path))
     report = json.loads(report_path.read_text())
     print(report)
     assert report["exact"]["equal"], report
+    assert report["movement"]["equal"] and report["random"]["equal"], report  # same selectors, on rows
     assert report["fast"]["agreement"] >= 0.99, report
     assert report["fast_krylov_tall"]["agreement"] >= 0.999, report
     assert report["fast_krylov_wide"]["agreement"] >= 0.999, report

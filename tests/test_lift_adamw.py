@@ -7,6 +7,7 @@ import torch
 
 import lift_kernels as lk
 from lift_kernels import ops
+from lift_kernels.optim.selection import selection_generator
 from lift_kernels.reference import topk_flat_indices
 from helpers import TinyMLP, loss_step, make_batch, selected_mask
 
@@ -117,7 +118,7 @@ def test_selection_happens_before_step_1_and_every_interval(monkeypatch):
     loss_step(model, opt, x, y)
     # the first selection was made from the weights before the update
     expected = lk.principal_weights(before, opt.state[model.up.weight]["idx"].numel(), 3,
-                                    generator=opt._generator(0, 1))
+                                    generator=selection_generator(opt.selection_seed, 0, 1))
     assert torch.equal(opt.state[model.up.weight]["idx"], expected)
     for _ in range(10):
         loss_step(model, opt, x, y)
@@ -160,7 +161,7 @@ def test_selectors_pick_what_they_say(selector):
     elif selector == "gradient":
         assert torch.equal(idx, topk_flat_indices(grad.abs(), k))
     elif selector == "lift":
-        assert torch.equal(idx, lk.principal_weights(w0, k, 3, generator=opt._generator(0, 1)))
+        assert torch.equal(idx, lk.principal_weights(w0, k, 3, generator=selection_generator(opt.selection_seed, 0, 1)))
     else:  # random: reproducible from the seed, and not the magnitude selection
         again = lk.LIFTAdamW([torch.nn.Parameter(w0.clone())], rank=1, selector="random", seed=7)
         p = again.param_groups[0]["params"][0]
@@ -282,13 +283,35 @@ def test_schedulers_closures_zero_grad_and_add_param_group():
 
 
 def test_lr_zero_group_and_scheduler_per_group():
-    W1 = torch.nn.Parameter(torch.randn(8, 8))
-    W2 = torch.nn.Parameter(torch.randn(8, 8))
-    opt = lk.LIFTAdamW([{"params": [W1], "lr": 0.1}, {"params": [W2], "lr": 0.0}], rank=1, lra_rank=2)
-    w2 = W2.detach().clone()
-    W1.grad, W2.grad = torch.randn_like(W1), torch.randn_like(W2)
-    opt.step()
-    assert torch.equal(W2, w2)
+    """Each group follows its own schedule (LambdaLR with one function per group), and the weights
+    follow torch.optim.AdamW's trajectory under the same groups and schedules; a group at lr 0 stays put."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 8) for _ in range(3)]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    theirs = [torch.nn.Parameter(w.clone()) for w in weights]
+    lrs = [0.1, 0.05, 0.0]
+    schedules = [lambda t: 0.5 ** t, lambda t: min(1.0, (t + 1) / 3), lambda t: 1.0]
+    # rank 8 on 8x8 matrices selects every entry, so LIFT's step is AdamW's
+    opt = lk.LIFTAdamW([{"params": [p], "lr": lr} for p, lr in zip(ours, lrs)], rank=8, lra_rank=2)
+    ref = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(theirs, lrs)], betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, schedules)
+    for t in range(6):
+        for group, lr, f in zip(opt.param_groups, lrs, schedules):
+            assert group["lr"] == pytest.approx(lr * f(t))  # its own schedule, not another group's
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(8, 8)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours[2], weights[2])  # lr 0: not one entry moved
+    assert not torch.equal(ours[0], weights[0]) and not torch.equal(ours[1], weights[1])
+    assert sched.get_last_lr() == pytest.approx([lr * f(6) for lr, f in zip(lrs, schedules)])
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -297,7 +320,7 @@ def test_lr_zero_group_and_scheduler_per_group():
     (dict(lra_rank=9), "lra_rank=9 exceeds min"),
     (dict(density=0.0), "density must be in"),
     (dict(density=1.5), "density must be in"),
-    (dict(selector="movement"), "selector must be one of"),
+    (dict(selector="snip"), "selector must be one of"),
     (dict(svd="approx"), "svd must be one of"),
     (dict(update_interval=0), "update_interval must be"),
     (dict(lr=-1.0), "lr must be >= 0"),

@@ -59,15 +59,24 @@ def test_backward_frees_dense_gradients_of_lift_weights():
         assert model.up.weight.grad is None
 
 
-def test_gradient_selector_keeps_dense_grad_only_on_selecting_steps():
+@pytest.mark.parametrize("selector", ["gradient", "movement"])  # the selectors that score the gradient
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gradient_selector_keeps_dense_grad_only_on_selecting_steps(selector, sparse):
     torch.manual_seed(0)
     model = TinyMLP()
-    opt = lk.LIFTAdamW([model.up.weight], rank=2, update_interval=2, selector="gradient", sparse_grad=True)
+    w = model.up.weight
+    opt = lk.LIFTAdamW([w], rank=2, update_interval=2, selector=selector, sparse_grad=sparse)
     x, y = make_batch()
     kept = []
     for _ in range(4):
+        whole = copy.deepcopy(model)  # the dense gradient, without LIFTAdamW's hooks
+        torch.nn.functional.mse_loss(whole(x), y).backward()
         torch.nn.functional.mse_loss(model(x), y).backward()
-        kept.append(type(model.up.weight.grad) is torch.Tensor)  # dense, not a GatheredGrad
+        # dense and whole, not a GatheredGrad (sparse mode) nor masked to the selection (dense mode)
+        kept.append(type(w.grad) is torch.Tensor and torch.equal(w.grad, whole.up.weight.grad))
+        if not kept[-1]:
+            assert isinstance(w.grad, GatheredGrad) if sparse else \
+                torch.count_nonzero(w.grad) <= opt.state[w]["idx"].numel()
         opt.step()
         opt.zero_grad()
     assert kept == [True, True, False, True]  # selections before steps 1, 2 and 4 (t % 2 == 0)

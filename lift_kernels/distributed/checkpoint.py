@@ -61,12 +61,12 @@ def _header(model, opt) -> dict:
         s = opt.state.get(p) or {}
         if not s:
             params[name] = None
-        elif opt._is_lift(group, p):
+        elif opt.is_lift(p):
             params[name] = {"lift": True, "step": s["step"], "selected_at": s.get("selected_at"),
                             "shape": tuple(s["shape"]), "master": "master" in s}
         else:
             params[name] = {"lift": False}
-    return {"groups": groups, "seed": opt.seed, "params": params}
+    return {"groups": groups, "seed": opt.selection_seed, "params": params}
 
 
 def _check_matches(header: dict, named, opt) -> None:
@@ -78,7 +78,7 @@ def _check_matches(header: dict, named, opt) -> None:
         if name not in header["params"]:
             raise ValueError(f"the checkpoint has no entry for parameter {name!r}")
         meta = header["params"][name]
-        if meta is not None and meta["lift"] != opt._is_lift(group, p):
+        if meta is not None and meta["lift"] != opt.is_lift(p):
             raise ValueError(f"{name!r} is {'a' if meta['lift'] else 'not a'} LIFT weight in the checkpoint "
                              "but not here; build the optimizer's groups as the saved run did")
         if meta is not None and meta["lift"] and tuple(meta["shape"]) != tuple(p.shape):
@@ -92,7 +92,7 @@ def save_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
         s = opt.state.get(p)
         if not s:
             continue
-        if not opt._is_lift(group, p):
+        if not opt.is_lift(p):
             sd[f"optim.{name}"] = {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
             continue
         shard = row_shard(p)
@@ -163,4 +163,4 @@ def load_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
         opt.state[p] = state
     for group, saved in zip(opt.param_groups, header["groups"]):
         group.update(saved)
-    opt.seed = int(header["seed"])
+    opt.selection_seed = int(header["seed"])

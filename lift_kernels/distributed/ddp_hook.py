@@ -5,8 +5,10 @@ can carry, per LIFT weight, just its k selected entries (about 5% of the bytes a
 plus every entry of the other parameters. The averaged values are written back at their places in
 the bucket; the other entries of LIFT weights are left zero (no step reads them). Steps that need
 whole gradients all-reduce the bucket as plain DDP does: a selecting step (a weight without a
-selection yet, or one due for re-selection: selector="gradient" reads |grad|, and the step applies
-the gradient at the *new* indices, which the hook cannot know before the selection is made).
+selection yet, or one due for re-selection: a selector may score the gradient, and the step applies
+it at the *new* indices, which the hook cannot know before the selection is made). The hook asks the
+optimizer through its public methods (``selects_before_next_step``, ``selected_indices``,
+``next_step``).
 
     state = lk.sparse_allreduce_hook(opt)
     ddp_model.register_comm_hook(state, state.hook)   # or lk.distributed.sparse_allreduce_hook
@@ -32,36 +34,16 @@ class SparseAllreduceState:
         self.bytes_sent = 0
         self.bytes_dense = 0
         self.per_step: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-        self._groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-
-    def _lift_state(self, p: Tensor):
-        group = self._groups.get(id(p))
-        if group is None or not self.opt._is_lift(group, p):
-            return None
-        return group, self.opt.state.get(p, {})
 
     def needs_dense(self, params: list[Tensor]) -> bool:
         """Whether a LIFT weight among ``params`` selects before its next step."""
-        from ..optim.selection import needs_selection  # the optimizer package imports this one
-        for p in params:
-            lift = self._lift_state(p)
-            if lift is not None and needs_selection(lift[1], lift[0], lift[1].get("step", 0) + 1):
-                return True
-        return False
-
-    def next_step(self) -> int:
-        """The optimizer step the gradients being reduced are for (counters are kept per step)."""
-        for p in self.opt.lift_parameters():
-            state = self.opt.state.get(p)
-            if state and "step" in state:
-                return int(state["step"]) + 1
-        return 1
+        return any(self.opt.selects_before_next_step(p) for p in params)
 
     def count(self, sent: Tensor, bucket: Tensor) -> None:
         sent_bytes, dense_bytes = sent.numel() * sent.element_size(), bucket.numel() * bucket.element_size()
         self.bytes_sent += sent_bytes
         self.bytes_dense += dense_bytes
-        entry = self.per_step[self.next_step()]
+        entry = self.per_step[self.opt.next_step()]
         entry[0] += sent_bytes
         entry[1] += dense_bytes
 
@@ -73,8 +55,8 @@ def _pieces(state: SparseAllreduceState, bucket: dist.GradBucket):
     """(slice of the flat bucket, selected indices or None for all) per parameter of the bucket."""
     offset = 0
     for p in bucket.parameters():
-        lift = state._lift_state(p)
-        yield slice(offset, offset + p.numel()), (lift[1]["idx"].long() if lift else None)
+        idx = state.opt.selected_indices(p)
+        yield slice(offset, offset + p.numel()), (idx.long() if idx is not None else None)
         offset += p.numel()
 
 

@@ -39,7 +39,7 @@ def sharded_exact_lowrank(A_local: Tensor, rank: int, shard: RowShard) -> tuple[
     G = shard.all_reduce(A.mT @ A)  # n x n: the rows' contributions add up
     _, V = torch.linalg.eigh(G)  # ascending eigenvalues
     Vr = V[..., -rank:].flip(-1)
-    work = lowrank._work_dtype(A_local)
+    work = lowrank.work_dtype(A_local)
     return (A @ Vr).to(work), Vr.mT.to(work)
 
 
@@ -49,7 +49,7 @@ def sharded_fast_lowrank(A_local: Tensor, rank: int, shard: RowShard,
     width = lowrank.krylov_width(rank, lowrank.DEFAULT_PASSES, lowrank.DEFAULT_OVERSAMPLE)
     if width >= min(m, n):  # the reference falls back to the exact path here too
         return sharded_exact_lowrank(A_local, rank, shard)
-    A = A_local.to(lowrank._work_dtype(A_local))
+    A = A_local.to(lowrank.work_dtype(A_local))
     b, split = rank + lowrank.DEFAULT_OVERSAMPLE, _SplitDim(shard)
     if m > n:  # basis on the n side (replicated); W^T's columns are this rank's rows
         omega = lowrank.sketch(A.shape[:-2], m, b, A, generator)

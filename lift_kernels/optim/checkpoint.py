@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..distributed.placement import local_tensor
 from .validation import check_hyperparameters
 
 _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
@@ -61,10 +60,10 @@ def check_state_dict(opt, state_dict: dict) -> list[tuple[Tensor, dict]]:
                 continue
             where = f"param_groups[{gi}] parameter {i} ({opt._name_of(p)})"
             if opt._is_lift(merged, p):
-                _check_lift_entry(s, p, where)
+                _check_lift_entry(s, p, opt.strategy.local(p), where)
                 lift_entries.append((p, s))
             else:
-                _check_dense_entry(s, p, where)
+                _check_dense_entry(s, p, opt.strategy.local(p), where)
     return lift_entries
 
 
@@ -72,7 +71,7 @@ def _corrupt(where: str, what: str) -> ValueError:
     return ValueError(f"checkpoint at {where} is corrupt: {what}; load an undamaged checkpoint of this run")
 
 
-def _check_lift_entry(s: dict, p: Tensor, where: str) -> None:
+def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:
     if "idx" not in s:
         raise ValueError(f"checkpoint at {where}: a LIFT weight here, but the saved state is dense AdamW's "
                          "(keys %s); build the optimizer's groups (lift=...) as the saved run did" % sorted(s))
@@ -87,7 +86,7 @@ def _check_lift_entry(s: dict, p: Tensor, where: str) -> None:
     if not isinstance(idx, Tensor) or idx.dtype != torch.int32 or idx.dim() != 1:
         raise _corrupt(where, f"idx must be a 1-D int32 tensor, got "
                               f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
-    k, numel = idx.numel(), local_tensor(p).numel()  # a shard's idx address its own rows
+    k, numel = idx.numel(), local.numel()  # a shard's idx address its own rows
     for key in _PER_ENTRY:
         v = s.get(key)
         if v is None and key != "master":
@@ -105,12 +104,12 @@ def _check_lift_entry(s: dict, p: Tensor, where: str) -> None:
             raise _corrupt(where, "exp_avg_sq has negative or NaN entries")
 
 
-def _check_dense_entry(s: dict, p: Tensor, where: str) -> None:
+def _check_dense_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:
     if "idx" in s:
         raise ValueError(f"checkpoint at {where}: the saved state is LIFT state but this parameter is trained "
                          "densely here; build the optimizer's groups (lift=...) as the saved run did")
     for key in ("exp_avg", "exp_avg_sq"):
         v = s.get(key)
-        if isinstance(v, Tensor) and tuple(v.shape) != tuple(local_tensor(p).shape) and tuple(v.shape) != tuple(p.shape):
+        if isinstance(v, Tensor) and tuple(v.shape) != tuple(local.shape) and tuple(v.shape) != tuple(p.shape):
             raise ValueError(f"checkpoint mismatch at {where}: {key} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(p.shape)}; load a checkpoint of this model")

@@ -9,14 +9,13 @@ from torch import Tensor
 from torch.optim.adamw import adamw as dense_adamw
 
 from .. import ops
-from ..distributed.grad_norm import shard_group, sharded_total_norm
-from ..distributed.placement import is_dtensor, local_tensor, replica_group
 from . import grad_hooks
 from .checkpoint import load_lift_state_dict
 from .gathered_grad import GatheredGrad
-from .selection import needs_selection, select_group, selection_generator, uses_master
+from .selection import needs_grad, needs_selection, refresh
+from .strategy import make_strategy
 from .validation import (check_finite_weights, check_hyperparameters, check_lift_param, check_seed,
-                         check_selection_group, check_unchanged_shape)
+                         check_unchanged_shape)
 
 
 class LIFTAdamW(torch.optim.Optimizer):
@@ -33,7 +32,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     must be 2-D; False: dense AdamW; None, the default: 2-D tensors are LIFT weights), ``rank``
     (budget k = min((m+n)*rank, m*n), as LoRA of that rank), ``density`` (k = round(density*m*n),
     overrides rank), ``lra_rank`` (rank of the low-rank filter), ``update_interval``, ``selector``
-    ("lift", or the ablations "magnitude", "random", "gradient"), ``svd`` ("fast" or "exact"),
+    ("lift", or the ablations "magnitude", "random", "gradient", "movement": selection.py), ``svd`` ("fast" or "exact"),
     ``largest`` (False selects the smallest entries) and ``master_weights`` (None: fp32 masters of
     the selected entries for bf16/fp16 weights, so small updates are not rounded away).
 
@@ -44,7 +43,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     ``clip_grad_norm_``, GradScaler and ``zero_grad`` act on it, and micro-batches accumulate into
     it (same trajectory as dense mode). In dense mode the same hook zeroes the gradient outside the
     selection, so torch's tools see in both modes the gradient the step applies. A step whose
-    selector needs the dense gradient ("gradient" on a selecting step) keeps it whole for that step.
+    selector scores the dense gradient ("gradient", "movement") keeps it whole when it selects.
     ``seed`` seeds the randomized SVD and the random selector per (seed, weight, step), so a resumed
     run makes the same selections. ``skip_nonfinite=True`` skips (changing nothing, not counting it)
     a step whose applied gradient has a NaN or inf, and counts it in ``skipped_steps``.
@@ -53,7 +52,12 @@ class LIFTAdamW(torch.optim.Optimizer):
     on the first rank of ``selection_group`` ("world": the default group once torch.distributed is
     initialized; None: each rank selects alone) and broadcast; DTensor weights sharded on rows
     (FSDP2) are selected collectively, and their state (``idx`` as flat indices into the local
-    shard) covers this rank's rows only.
+    shard) covers this rank's rows only. The optimizer reaches processes only through its strategy
+    (strategy.py), which lift_kernels.distributed provides.
+
+    ``state[p]`` of a LIFT weight holds ``step`` (an int), ``shape``, ``idx``, ``exp_avg``,
+    ``exp_avg_sq``, ``master`` (when used) and ``selected_at`` (the step its selection was made
+    for); that of a dense parameter is torch.optim.AdamW's (``step`` a tensor, dense moments).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
@@ -67,15 +71,14 @@ class LIFTAdamW(torch.optim.Optimizer):
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
                         selector=selector, svd=svd, largest=largest, lift=None,
                         master_weights=master_weights)
-        self.seed = check_seed(seed)
+        self._seed = check_seed(seed)
         for flag, value in (("sparse_grad", sparse_grad), ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
-        check_selection_group(selection_group)
+        self.selection_group = selection_group  # validated; builds self.strategy
         self.sparse_grad = sparse_grad
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
-        self.selection_group = selection_group
         # Gathered fp32 gradients of row-sharded (FSDP2 DTensor) weights, until step(); the
         # gradients of plain weights are gathered into p.grad itself (a GatheredGrad).
         self._sparse_grads: dict[Tensor, Tensor] = {}
@@ -86,6 +89,55 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._built = True
         for p in self.lift_parameters():
             grad_hooks.claim(self, p)
+
+    # ----------------------------------------------------------------------------- public surface
+    # What training stacks and distributed strategies (lift_kernels.distributed) may use.
+    @property
+    def selection_group(self):
+        return self._selection_group
+
+    @selection_group.setter
+    def selection_group(self, value) -> None:
+        self.strategy = make_strategy(value)  # raises on a bad value, leaving the old one
+        self._selection_group = value
+
+    @property
+    def selection_seed(self) -> int:
+        """The seed of every selection's random stream (saved in checkpoints)."""
+        return self._seed
+
+    @selection_seed.setter
+    def selection_seed(self, value: int) -> None:
+        self._seed = check_seed(value)
+
+    def lift_parameters(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if self._is_lift(g, p)]
+
+    def is_lift(self, p: Tensor) -> bool:
+        """Whether ``p`` is a LIFT weight of this optimizer (False for dense or foreign parameters)."""
+        group = self._group_of(p)
+        return group is not None and self._is_lift(group, p)
+
+    def selected_indices(self, p: Tensor) -> Tensor | None:
+        """The sorted int32 flat indices a LIFT weight's next step updates (None before its first
+        selection, and for other parameters)."""
+        return self.state.get(p, {}).get("idx") if self.is_lift(p) else None
+
+    def selects_before_next_step(self, p: Tensor) -> bool:
+        """Whether LIFT weight ``p`` gets a new selection before its next step (whose gradient
+        must then be whole: the selection may score it, and the step applies it at new entries)."""
+        if not self.is_lift(p):
+            return False
+        state = self.state.get(p, {})
+        return needs_selection(state, self._group_of(p), state.get("step", 0) + 1)
+
+    def next_step(self) -> int:
+        """The step the gradients of this backward pass are for (1 before any step)."""
+        for p in self.lift_parameters():
+            state = self.state.get(p)
+            if state and "step" in state:
+                return int(state["step"]) + 1
+        return 1
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -112,17 +164,17 @@ class LIFTAdamW(torch.optim.Optimizer):
     def _step_supports_amp_scaling(self) -> bool:
         # Only the gathered gradients of sharded (DTensor) weights live outside p.grad, where
         # GradScaler cannot unscale them; it then hands the scale to step(), which refuses it.
-        return self.sparse_grad and any(is_dtensor(p) for p in self.lift_parameters())
+        return self.sparse_grad and any(self.strategy.is_dtensor(p) for p in self.lift_parameters())
 
     @staticmethod
     def _is_lift(group: dict, p: Tensor) -> bool:
         return group["lift"] is True or (group["lift"] is None and p.dim() == 2)
 
-    def lift_parameters(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if self._is_lift(g, p)]
+    def _lift_of(self, group: dict) -> list[Tensor]:
+        return [p for p in group["params"] if self._is_lift(group, p)]
 
-    def _group_of(self, p: Tensor) -> dict:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+    def _group_of(self, p: Tensor) -> dict | None:
+        return next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
 
     def _name_of(self, p: Tensor) -> str:
         for gi, g in enumerate(self.param_groups):
@@ -132,27 +184,79 @@ class LIFTAdamW(torch.optim.Optimizer):
                     return names[i] if names else f"param_groups[{gi}]['params'][{i}]"
         return "a parameter not in this optimizer"
 
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        """The one place state is born, lazily (as torch.optim's _init_group). A LIFT weight's
+        length-k vectors are sized by its first selection (selection.install_selection); a dense
+        parameter's state is torch.optim.AdamW's, whose functional step takes a tensor ``step``."""
+        state = self.state[p]
+        if state:
+            return state
+        if self._is_lift(group, p):
+            state["step"] = 0
+            state["shape"] = tuple(p.shape)
+        else:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    # ----------------------------------------------------------------------------- selection
+    def _select_due(self, group: dict, params: list[Tensor]) -> None:
+        """The one entry to selection: select the LIFT weights of ``params`` that are due before
+        their next step. step() calls it, and so, earlier, do clip_grad_norm_ and the gradient
+        hooks (through ``_select_due_of``) so that they act on the entries the step will update."""
+        due = []
+        for p in params:
+            state = self._init_state(group, p)
+            check_unchanged_shape(p, state, self._name_of)
+            if needs_selection(state, group, state["step"] + 1):
+                due.append(p)
+        if not due:
+            return
+        check_finite_weights(due, self._name_of, self.strategy.local)
+        grads = None
+        if needs_grad(group):
+            grads = {p: p.grad for p in due}
+            if any(g is None for g in grads.values()):
+                raise RuntimeError(f"selector={group['selector']!r} needs the dense gradient of the selecting step")
+        by_step = defaultdict(list)
+        for p in due:
+            by_step[self.state[p]["step"] + 1].append(p)
+        positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
+        for t, ps in by_step.items():
+            refresh(group, ps, t, positions, self._seed, self.state, grads, self.strategy)
+
+    def _select_due_of(self, p: Tensor) -> None:
+        """From a gradient hook: if ``p`` is due, select every due weight of its group at once,
+        batched exactly as step() would (a selection reads only the weights, which stay as they are
+        until step(), so it equals step()'s)."""
+        group, state = self._group_of(p), self.state[p]
+        if not state or needs_selection(state, group, state["step"] + 1):
+            self._select_due(group, self._lift_of(group))
+
+    def _waits_for_grad(self, p: Tensor) -> bool:
+        """Whether ``p`` selects before its next step by scoring its gradient: then that step keeps
+        the dense gradient and selects in step(), once the gradient is complete."""
+        group, state = self._group_of(p), self.state[p]
+        return needs_grad(group) and needs_selection(state, group, state.get("step", 0) + 1)
+
     # ----------------------------------------------------------------------------- gradients
     def _has_grad(self, p: Tensor) -> bool:
         return p.grad is not None or p in self._sparse_grads
 
     @torch.no_grad()
     def _before_accumulate(self, p: Tensor) -> None:
-        """Hook before a backward adds to p.grad: select if due (selection reads only the weights,
-        which stay as they are until step(), so it equals step()'s), then make sure a gathered
-        p.grad belongs to the current selection."""
-        if is_dtensor(p) or self._grad_selecting(p):
-            return  # sharded weights select in _after_accumulate; |grad| selection in step()
-        if replica_group(self.selection_group) is not None:
+        """Hook before a backward adds to p.grad: select if due, then make sure a gathered p.grad
+        belongs to the current selection."""
+        if self.strategy.is_dtensor(p) or self._waits_for_grad(p):
+            return  # DTensor weights select after accumulation; gradient scorers in step()
+        if self.strategy.replicated():
             if self.sparse_grad:
                 raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
                                    "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
             return  # DDP: lk.sparse_allreduce_hook sends (and keeps) only the selected entries
-        group, state = self._group_of(p), self.state[p]
-        if not state or needs_selection(state, group, state["step"] + 1):
-            # every due weight of the group at once, batched, exactly as step() would
-            self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
-        check_unchanged_shape(p, state, self._name_of)
+        self._select_due_of(p)
+        check_unchanged_shape(p, self.state[p], self._name_of)
         g = p.grad
         if isinstance(g, GatheredGrad) and not self._current(g, p):
             if g.values.count_nonzero():
@@ -161,22 +265,17 @@ class LIFTAdamW(torch.optim.Optimizer):
                     "and never cleared; call zero_grad() after every step() in sparse_grad=True mode")
             p.grad = None  # zero_grad(set_to_none=False) left zeros at the old entries
 
-    def _grad_selecting(self, p: Tensor) -> bool:
-        """Whether p selects by |grad| before its next step (then its dense gradient is kept)."""
-        group, state = self._group_of(p), self.state[p]
-        return group["selector"] == "gradient" and needs_selection(state, group, state.get("step", 0) + 1)
-
     @torch.no_grad()
     def _after_accumulate(self, p: Tensor) -> None:
         """Sparse mode: gather p.grad at the selected entries (freeing the dense gradient); dense
         mode: zero it outside them, so torch's tools see the gradient the step applies."""
-        if is_dtensor(p):
+        if self.strategy.is_dtensor(p):
             if self.sparse_grad:
                 self._gather_sharded(p)
             return
-        if p.grad is None or isinstance(p.grad, GatheredGrad) or self._grad_selecting(p):
+        if p.grad is None or isinstance(p.grad, GatheredGrad) or self._waits_for_grad(p):
             return
-        if replica_group(self.selection_group) is not None or "idx" not in self.state[p]:
+        if self.strategy.replicated() or "idx" not in self.state[p]:
             return
         idx = self.state[p]["idx"].long()
         if self.sparse_grad:
@@ -190,17 +289,13 @@ class LIFTAdamW(torch.optim.Optimizer):
             flat.index_copy_(0, idx, kept)
 
     def _gather_sharded(self, p: Tensor) -> None:
-        """Sparse mode on a row-sharded (FSDP2) weight: keep grad[idx] of the local rows in fp32."""
-        group = self._group_of(p)
-        state = self.state[p]
-        t = state.get("step", 0) + 1
-        if needs_selection(state, group, t):
-            if group["selector"] == "gradient":
-                return  # this step selects by |grad|: step() needs the whole accumulated gradient
-            self._select_due(group, [q for q in group["params"] if self._is_lift(group, q)])
+        """Sparse mode on a DTensor (FSDP2) weight: keep grad[idx] of the local rows in fp32."""
+        if self._waits_for_grad(p):
+            return  # step() needs the whole accumulated gradient
+        self._select_due_of(p)
         if p.grad is None:
             return
-        g = local_tensor(p.grad).view(-1).index_select(0, state["idx"].long()).float()
+        g = self.strategy.local(p.grad).view(-1).index_select(0, self.state[p]["idx"].long()).float()
         buf = self._sparse_grads.get(p)
         self._sparse_grads[p] = g if buf is None else buf.add_(g)
         p.grad = None
@@ -235,31 +330,27 @@ class LIFTAdamW(torch.optim.Optimizer):
         The norm is taken over the selected entries of every LIFT weight (gathered or dense) and all
         entries of dense parameters, so it is the same in sparse- and dense-gradient mode, and the
         same as torch's clip_grad_norm_ over the parameters' p.grad (which the hooks gather or mask
-        to the selection) except for selector="gradient" on a selecting step, where p.grad is still
-        whole. Weights due for selection are selected first (with the same result step() would
-        get). Returns the total norm.
+        to the selection) except for a selector that scores the gradient on a selecting step, where
+        p.grad is still whole. Weights due for selection are selected first (with the same result
+        step() would get). Returns the total norm.
         """
-        parts, scaled, shard_groups = [], [], []
+        parts, scaled, owners = [], [], []
         for group in self.param_groups:
-            lift = [p for p in group["params"] if self._is_lift(group, p) and self._has_grad(p)]
-            self._select_due(group, lift)
+            self._select_due(group, [p for p in self._lift_of(group) if self._has_grad(p)])
             for p in group["params"]:
                 if not self._has_grad(p):
                     continue
-                g = local_tensor(self._applied_grad(p))  # a shard's rows: their norms add up below
-                if self._is_lift(group, p) and self._applied_grad(p).shape == p.shape:
+                applied = self._applied_grad(p)
+                g = self.strategy.local(applied)  # a shard's rows: the strategy adds up their norms
+                if self._is_lift(group, p) and applied.shape == p.shape:
                     parts.append(g.view(-1).index_select(0, self.state[p]["idx"].long()))
                 else:
                     parts.append(g)
                 scaled.append(g)
-                shard_groups.append(shard_group(p))
+                owners.append(p)
         if not parts:
             return torch.tensor(0.0)
-        if any(sg is not None for sg in shard_groups):
-            total = sharded_total_norm(parts, shard_groups, norm_type)
-        else:
-            norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in parts]
-            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        total = self.strategy.total_norm(parts, owners, norm_type)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -299,59 +390,25 @@ class LIFTAdamW(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         """Whether every gradient this step would apply is finite (one host sync; agreed on by all
-        ranks when some weights are sharded, so that they all skip or all step)."""
-        flags, sharded = [], False
+        ranks that share parameters, so that they all skip or all step)."""
+        flags, owners = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if self._has_grad(p):
-                    flags.append(torch.isfinite(local_tensor(self._applied_grad(p))).all())
-                    sharded = sharded or is_dtensor(p)
+                    flags.append(torch.isfinite(self.strategy.local(self._applied_grad(p))).all())
+                    owners.append(p)
         if not flags:
             return True
         ok = torch.stack([f.to(flags[0].device) for f in flags]).all().to(torch.int32)
-        if sharded:
-            import torch.distributed as dist
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok)
+        return self.strategy.all_finite(ok, owners)
 
     def _dense_step(self, group: dict, params: list[Tensor]) -> None:
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+        states = [self._init_state(group, p) for p in params]
         beta1, beta2 = group["betas"]
-        dense_adamw(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+        dense_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
                     beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=False)
-
-    def _select_due(self, group: dict, params: list[Tensor]) -> None:
-        """Select the weights of ``params`` that are due before their next step."""
-        due = []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["shape"] = tuple(p.shape)
-            check_unchanged_shape(p, state, self._name_of)
-            if needs_selection(state, group, state["step"] + 1):
-                due.append(p)
-        check_finite_weights(due, self._name_of)
-        by_step = defaultdict(list)
-        for p in due:
-            by_step[self.state[p]["step"] + 1].append(p)
-        if by_step:
-            positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
-            grads = {p: p.grad for p in due} if group["selector"] == "gradient" else None
-            if grads is not None and any(g is None for g in grads.values()):
-                raise RuntimeError("selector='gradient' needs the dense gradient of the selecting step")
-            for t, ps in by_step.items():
-                select_group(group, ps, t, positions, self.seed, self.state, grads, self.selection_group)
 
     def _lift_step(self, group: dict, params: list[Tensor]) -> None:
         self._select_due(group, params)
@@ -362,23 +419,21 @@ class LIFTAdamW(torch.optim.Optimizer):
             state["step"] += 1
             g = self._applied_grad(p)
             buckets[(p.device, p.dtype, state["step"], "master" in state, g.shape == p.shape)].append(p)
+        local = self.strategy.local
         for (_, _, step, has_master, _), ps in buckets.items():
             states = [self.state[p] for p in ps]
             ops.sparse_adamw_step(  # on the local rows of sharded weights, with their local idx
-                [local_tensor(p) for p in ps], [local_tensor(self._applied_grad(p)) for p in ps],
+                [local(p) for p in ps], [local(self._applied_grad(p)) for p in ps],
                 [s["idx"] for s in states],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["master"] for s in states] if has_master else None, step=step,
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"])
 
-    def _generator(self, position: int, step: int) -> torch.Generator:
-        return selection_generator(self.seed, position, step)
-
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["lift_seed"] = self.seed
+        sd["lift_seed"] = self._seed
         sd["lift_skipped_steps"] = self.skipped_steps
         return sd
 
@@ -389,5 +444,5 @@ class LIFTAdamW(torch.optim.Optimizer):
         checkpoint of another model raises and leaves the optimizer as it was.
         """
         load_lift_state_dict(self, state_dict, super().load_state_dict)
-        self.seed = int(state_dict["lift_seed"])
+        self._seed = int(state_dict["lift_seed"])
         self.skipped_steps = int(state_dict.get("lift_skipped_steps", 0))

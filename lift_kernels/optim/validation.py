@@ -6,18 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..reference.select import SELECTORS, SVD_MODES
+from .selection import budget, check_selection, is_int, real
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
-
-
-def _real(v) -> float | None:
-    """v as a float if it is a real number (not a bool), else None."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v)
+__all__ = ["budget", "check_finite_weights", "check_hyperparameters", "check_lift_param", "check_seed",
+           "check_unchanged_shape"]
 
 
 def check_hyperparameters(group: dict) -> None:
@@ -25,55 +17,30 @@ def check_hyperparameters(group: dict) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"lr must be a float or a one-element tensor, got shape {tuple(lr.shape)}")
-    lr_value = float(lr) if isinstance(lr, torch.Tensor) else _real(lr)
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) else real(lr)
     if lr_value is None or not 0.0 <= lr_value < math.inf:
         raise ValueError(f"lr must be >= 0 and finite, got {lr!r}")
     for key in ("eps", "weight_decay"):
-        v = _real(group[key])
+        v = real(group[key])
         if v is None or not 0.0 <= v < math.inf:
             raise ValueError(f"{key} must be >= 0 and finite, got {group[key]!r}")
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_real(b) is not None and 0.0 <= b < 1.0 for b in betas)):
+            or not all(real(b) is not None and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    if not _is_int(group["rank"]) or group["rank"] < 1:
-        raise ValueError(f"rank must be an integer >= 1 (the LoRA-equivalent budget), got {group['rank']!r}")
-    density = group["density"]
-    if density is not None and (_real(density) is None or not 0.0 < density <= 1.0):
-        raise ValueError(f"density must be in (0, 1] or None (then rank sets the budget), got {density!r}")
-    if not _is_int(group["lra_rank"]) or group["lra_rank"] < 1:
-        raise ValueError(f"lra_rank must be an integer >= 1, got {group['lra_rank']!r}")
-    if not _is_int(group["update_interval"]) or group["update_interval"] < 1:
-        raise ValueError(f"update_interval must be an integer >= 1 (steps between re-selections), "
-                         f"got {group['update_interval']!r}")
-    for key in ("largest",):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    check_selection(group)
     if group["master_weights"] not in (None, True, False):
         raise ValueError(f"master_weights must be True, False or None (on for bf16/fp16 weights), "
                          f"got {group['master_weights']!r}")
-    if group["selector"] not in SELECTORS:
-        raise ValueError(f"selector must be one of {SELECTORS}, got {group['selector']!r}")
-    if group["svd"] not in SVD_MODES:
-        raise ValueError(f"svd must be one of {SVD_MODES}, got {group['svd']!r}")
     if group["lift"] not in (None, True, False):
         raise ValueError(f"lift must be True, False or None (2-D tensors), got {group['lift']!r}")
 
 
 def check_seed(seed) -> int:
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer (it makes selections reproducible and resume-safe), "
                          f"got {seed!r}")
     return seed
-
-
-def check_selection_group(selection_group) -> None:
-    if selection_group is None or selection_group == "world":
-        return
-    import torch.distributed as dist
-    if not (dist.is_available() and isinstance(selection_group, dist.ProcessGroup)):
-        raise ValueError(f"selection_group must be 'world', None (each rank selects alone) or a "
-                         f"torch.distributed ProcessGroup, got {selection_group!r}")
 
 
 def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool = False) -> None:
@@ -96,14 +63,7 @@ def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool 
                          "call .data = .data.contiguous() on it before building the optimizer")
     if p.numel() >= 2**31:
         raise ValueError(f"LIFT weight {name} has {p.numel()} entries; int32 indices allow < 2**31")
-    m, n = p.shape
-    if group["selector"] == "lift" and group["lra_rank"] > min(m, n):
-        raise ValueError(f"lra_rank={group['lra_rank']} exceeds min(m, n)={min(m, n)} of {name} "
-                         f"(shape {m}x{n}); lower lra_rank for this group")
-    if budget(p.shape, group["rank"], group["density"]) == 0:
-        raise ValueError(f"density={group['density']} selects round({group['density']}*{m}*{n}) = 0 entries "
-                         f"of {name} (shape {m}x{n}), which would never be trained; raise density, or "
-                         "put that weight in a group with lift=False or leave it out")
+    check_selection(group, tuple(p.shape), name)
 
 
 def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> None:
@@ -114,13 +74,13 @@ def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> No
                          "after LIFTAdamW started training it; build a new optimizer for the new weights")
 
 
-def check_finite_weights(params: list, name_of: Callable) -> None:
-    """Selection (an SVD) of a weight with NaN or inf fails deep inside linalg; name the weight."""
+def check_finite_weights(params: list, name_of: Callable, local_tensor: Callable) -> None:
+    """Selection (an SVD) of a weight with NaN or inf fails deep inside linalg; name the weight.
+    ``local_tensor`` gives the part of a weight this process holds."""
     if not params:
         return
     from torch._subclasses.fake_tensor import is_fake
 
-    from ..distributed.placement import local_tensor
     if any(is_fake(local_tensor(p)) for p in params):
         return  # under FakeTensorMode (memory simulation) values are unknown: nothing to check
     device = local_tensor(params[0]).device
@@ -131,10 +91,3 @@ def check_finite_weights(params: list, name_of: Callable) -> None:
                          "before this step (lower lr, clip gradients, or use skip_nonfinite=True) or the "
                          "weights were loaded damaged")
 
-
-def budget(shape: torch.Size, rank: int, density: float | None) -> int:
-    """Selected entries per matrix: LoRA's count at ``rank``, or ``density`` of the entries."""
-    m, n = shape
-    if density is not None:
-        return int(round(density * m * n))
-    return min((m + n) * rank, m * n)

@@ -44,13 +44,13 @@ DEFAULT_PASSES = 12
 DEFAULT_OVERSAMPLE = 48
 
 
-def _work_dtype(W: Tensor) -> torch.dtype:
+def work_dtype(W: Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
 def exact_lowrank(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Best rank-``rank`` factors of ``W`` (m, n) or (b, m, n) by full SVD: L (.., m, r), R (.., r, n)."""
-    A = W.to(_work_dtype(W))
+    A = W.to(work_dtype(W))
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :]
 
@@ -63,10 +63,11 @@ def krylov_width(rank: int, passes: int, oversample: int) -> int:
 
 
 class WholeDim:
-    """Sums and maxima over one dimension of W when this process holds all of it (the identity).
+    """Sums and maxima over one dimension of W when the caller holds all of it: the identity.
 
-    The row-sharded (FSDP) selection passes an all-reducing twin for the dimension split over ranks,
-    so it runs this very algorithm on its rows (lift_kernels/distributed/sharded_lowrank.py).
+    block_krylov takes one such object per dimension of W. A caller that holds only a block of a
+    dimension passes one whose sum and max also combine the other blocks' partial results, and runs
+    this very algorithm on its block.
     """
 
     @staticmethod
@@ -152,7 +153,7 @@ def fast_lowrank(
     s = krylov_width(rank, passes, oversample)
     if s >= min(m, n):
         return exact_lowrank(W, rank)
-    A = W.to(_work_dtype(W))
+    A = W.to(work_dtype(W))
     if m > n:
         A = A.mT
     omega = sketch(A.shape[:-2], A.shape[-1], rank + oversample, A, generator)
