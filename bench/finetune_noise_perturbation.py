@@ -26,7 +26,7 @@ from study_runs import RunStore
 from study_stats import t_interval
 from lift_finetune.evaluate import perplexity
 from lift_finetune.methods import target_matrices
-from lift_kernels.reference.select import select_indices
+from lift_kernels.optim.selection import select
 
 SELECTORS = ("lift", "magnitude", "random")
 DETERMINISTIC = ("lift", "magnitude")  # exact SVD / magnitudes: the same entries whatever the seed
@@ -40,8 +40,8 @@ def selections(mats: dict, selector: str, density: float, lra_rank: int, seed: i
     out = {}
     for name, w in mats.items():
         k = max(1, round(density * w.numel()))
-        out[name] = select_indices(w.detach(), k, selector=selector, lra_rank=lra_rank, svd="exact",
-                                   largest=True, generator=gen).long()
+        out[name] = select(w.detach(), k, selector=selector, lra_rank=lra_rank, svd="exact",
+                            largest=True, generator=gen).long()
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lift_kernels import LIFTAdamW, lift_param_groups
-from lift_kernels.optim.validation import budget
+from lift_kernels.optim.selection import budget
 
 METHODS = ("lift", "full", "lora", "magnitude", "random")
 _SELECTOR = {"lift": "lift", "magnitude": "magnitude", "random": "random"}

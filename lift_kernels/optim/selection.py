@@ -226,6 +226,20 @@ class Chunk:
         return topk_flat_indices(self.scores(x), self.k, self.largest)
 
 
+def select(W: Tensor, k: int, *, selector: str = "lift", lra_rank: int = 64, svd: str = "fast",
+           largest: bool = True, grad: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Sorted int32 flat indices of the ``k`` entries of W (m, n), or of each matrix of a stack
+    (b, m, n), that ``selector`` picks, outside any optimizer (studies, analysis); ``grad`` is the
+    dense gradient for selectors that score it."""
+    group = {"selector": selector, "lra_rank": lra_rank, "svd": svd, "largest": largest, "rank": 1,
+             "density": None, "update_interval": 1}
+    check_selection(group, tuple(W.shape[-2:]), "W")
+    if SELECTORS[selector].needs_grad and grad is None:
+        raise ValueError(f"selector={selector!r} scores the gradient: pass grad (the dense gradient of W)")
+    chunk = Chunk([W], None, k, group, generator if generator is not None else torch.Generator())
+    return chunk.whole_indices(W.detach(), grad)
+
+
 def refresh(group: dict, params: list[Tensor], t: int, positions: dict[int, int], seed: int,
             states: dict, grads: dict[Tensor, Tensor] | None, strategy) -> None:
     """Select entries for ``params`` (all due at step ``t``) and install them in ``states``.

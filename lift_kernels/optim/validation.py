@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from .selection import budget, check_selection, is_int, real
+from .selection import check_selection, is_int, real
 
-__all__ = ["budget", "check_finite_weights", "check_hyperparameters", "check_lift_param", "check_seed",
+__all__ = ["check_finite_weights", "check_hyperparameters", "check_lift_param", "check_seed",
            "check_unchanged_shape"]
 
 
