@@ -139,7 +139,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _lowrank_reference(W, rank, seed, passes, oversample):
-    return fast_lowrank(W, rank, passes=passes, oversample=oversample, generator=_seeded(W, seed))
+    L, R = fast_lowrank(W, rank, passes=passes, oversample=oversample, generator=_seeded(W, seed))
+    return L.contiguous(), R.contiguous()  # the layout of the fake's (and the compiled kernels') factors
 
 
 def _lowrank_fake(W, rank, seed, passes, oversample):
