@@ -28,6 +28,11 @@ if os.environ.get("LIFT_NO_NATIVE", "0") == "1":
 else:
     try:
         from . import _C as EXT  # noqa: N811  (its kernels: lift_kernels/ops/native.py registers them)
+        if not hasattr(EXT, "lowrank_cpu"):  # loaded, and it has registered the ops itself: no way back
+            raise RuntimeError(
+                f"{EXT.__file__} is a stale build of lift_kernels._C: it defines the lift_kernels ops itself "
+                "(TORCH_LIBRARY), which lift_kernels/ops/library.py now does. Rebuild it with "
+                "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`).")
     except ImportError as exc:  # not built, or built against another torch
         EXT_ERROR = f"lift_kernels._C could not be loaded ({exc})"
         shadowed = _installed_elsewhere()

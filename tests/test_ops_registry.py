@@ -66,20 +66,17 @@ def test_every_op_has_samples():
     assert {op for op, *_ in SAMPLES} == set(library.OPS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op, sample, utils", [(op, (args, kwargs), utils) for op, _, (args, kwargs), utils in SAMPLES],
-                         ids=[f"{op}-{name}" for op, name, *_ in SAMPLES])
+@pytest.mark.parametrize("backend, op, sample, utils", [
+    (backend, op, (args, kwargs), FAST_UTILS if backend == "triton" else utils)
+    for backend in BACKENDS for op, _, (args, kwargs), utils in SAMPLES if implements(backend, op)],
+    ids=[f"{backend}-{op}-{name}" for backend in BACKENDS for op, name, *_ in SAMPLES if implements(backend, op)])
 def test_opcheck(backend, op, sample, utils):
-    if not implements(backend, op):
-        pytest.skip(f"{backend} has no {op}")
     with use_backend(backend):
         chosen, why = ops.chosen(op, "cpu")
         if chosen == "error":
             pytest.skip(why)
         assert chosen == backend, why
         args, kwargs = sample
-        if backend == "triton":
-            utils = FAST_UTILS
         torch.library.opcheck(getattr(lk_ops, op).default, args, kwargs,
                               **({} if utils is None else {"test_utils": utils}))
 
