@@ -145,3 +145,27 @@ def test_triton_folder_does_not_shadow_real_triton():
     if out.returncode != 0:
         pytest.skip(f"triton not installed: {out.stderr.strip()[-200:]}")
     assert not out.stdout.strip().startswith(str(root / "triton")), out.stdout
+
+
+@needs_ext
+def test_choices_for_cuda_tensors_name_what_runs_and_what_was_skipped():
+    """choose() for CUDA tensors, on any machine (this build's _C has CPU kernels; a CUDA build has both)."""
+    from lift_kernels.ops.backends import choose
+
+    from lift_kernels._triton_loader import triton_usable
+
+    triton_ok, triton_why = triton_usable()
+    assert choose("sparse_adamw_step", "cuda", None) == (
+        ("triton", "default for cuda") if triton_ok else ("reference", f"default for cuda (triton skipped: {triton_why}; "
+                                                          "native skipped: lift_kernels._C has no cuda kernel for "
+                                                          "sparse_adamw_step (it has one for cpu tensors only))"))
+    has_cuda = native.kernel("principal_weights", "cuda") is not None
+    assert choose("principal_weights", "cuda", None) == (
+        ("native", "default for cuda") if has_cuda else
+        ("reference", "default for cuda (native skipped: lift_kernels._C has no cuda kernel for principal_weights "
+                      "(it has one for cpu tensors only))"))
+    # forcing native never moves the step quietly to Triton: _C has no CUDA step
+    with pytest.raises(BackendUnavailableError, match=r"LIFT_BACKEND=native was forced but cannot run "
+                       r"sparse_adamw_step on cuda tensors: lift_kernels._C has no cuda kernel for sparse_adamw_step "
+                       r"\(it has one for cpu tensors only\)"):
+        choose("sparse_adamw_step", "cuda", "native")

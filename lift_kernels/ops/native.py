@@ -59,7 +59,7 @@ def kernel(op: str, device_type: str) -> Callable | None:
     c_fn = _c_kernel(name, device_type)
     if c_fn is None or adapter is None:
         return c_fn
-    return functools.update_wrapper(functools.partial(adapter, c_fn), adapter)
+    return functools.partial(adapter, c_fn)
 
 
 def why_not(op: str, device_type: str) -> str | None:
