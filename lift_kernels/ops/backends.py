@@ -131,7 +131,9 @@ class _Registry:
 
     def register(self, forced: str | None) -> None:
         if self.lib is not None:
-            self.lib._destroy()  # drops this registry's kernels: the dispatcher is back to the references
+            # Drops this registry's kernels (the dispatcher is back to the references). Private, but
+            # torch's own tests use it, and it is what a Library's finalizer runs (torch 2.1 to 2.14).
+            self.lib._destroy()
             self.lib = None
         lib = torch.library.Library(NAMESPACE, "IMPL")
         choices = {}

@@ -12,7 +12,6 @@ and the extension's kernels are plain functions that the native backend register
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,14 +24,7 @@ NAMESPACE = "lift_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
 
-@dataclass(frozen=True)
-class OpDef:
-    name: str
-    schema: str
-    reference: Callable  # the pure-torch kernel, with the schema's signature
-
-
-OPS: dict[str, OpDef] = {}
+OPS: dict[str, Callable] = {}  # every op's name -> its reference kernel (the schema's signature)
 
 
 def _define(schema: str, reference_fn: Callable, fake: Callable) -> None:
@@ -40,7 +32,7 @@ def _define(schema: str, reference_fn: Callable, fake: Callable) -> None:
     _lib.define(schema)
     _lib.impl(name, reference_fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
-    OPS[name] = OpDef(name, schema, reference_fn)
+    OPS[name] = reference_fn
 
 
 # ----------------------------------------------------------------------------- sparse_adamw_step
