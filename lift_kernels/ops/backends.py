@@ -13,7 +13,8 @@ reference. ``LIFT_BACKEND=reference|triton|native`` forces one backend for every
 (the others keep their defaults); where it cannot run, the op raises BackendUnavailableError instead
 of falling back quietly.
 
-LIFT_BACKEND is read when lift_kernels is imported. ``use_backend(name)`` re-registers at run time:
+LIFT_BACKEND is read when lift_kernels is imported (an unknown name fails the import with a
+ValueError that lists the names). ``use_backend(name)`` re-registers at run time:
 ``use_backend("reference")`` forces, ``use_backend(None)`` restores the defaults, ``use_backend()``
 follows LIFT_BACKEND again; used as a context manager it restores the previous choice on exit.
 """
