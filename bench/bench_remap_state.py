@@ -20,7 +20,7 @@ import torch
 
 from bench_utils import (DTYPES, cpu_threads, dense_fused_adamw_ms, environment, parser, peak_extra_bytes,
                          print_table, selected_indices, settings, time_ms, weight_set, write_results)
-from lift_kernels import native_ops
+from lift_kernels.ops import native
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import remap_state as plain_torch_remap
 
@@ -38,7 +38,7 @@ def main_cpu(args, cfg, params, grads, olds, news, states, kept, entries, name) 
     rows = []
     for n in cfg["threads"]:
         with cpu_threads(n):
-            r = {"cpp_remap": time_ms(lambda: remap_all(native_ops.remap_state, olds, news, states), "cpu",
+            r = {"cpp_remap": time_ms(lambda: remap_all(native.kernel("remap_state", "cpu"), olds, news, states), "cpu",
                                       cfg["repeats"]),
                  "plain_torch_remap": time_ms(lambda: remap_all(plain_torch_remap, olds, news, states), "cpu",
                                               cfg["repeats"]),

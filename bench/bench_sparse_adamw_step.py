@@ -27,7 +27,7 @@ import torch
 
 from bench_utils import (DTYPES, copy_bandwidth_gbs, cpu_threads, dense_fused_adamw_ms, environment, parser,
                          print_table, settings, time_ms, weight_set, write_results)
-from lift_kernels import native_ops
+from lift_kernels.ops import native
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import sparse_adamw_step as plain_torch_step
 
@@ -149,8 +149,8 @@ def bench_dtype_cpu(cfg: dict, name: str) -> dict:
         with cpu_threads(n):
             bandwidth = copy_bandwidth_gbs(device, 1 << 28)
             r = {"copy_bandwidth_gbs": bandwidth, "floor_ms": touched["total_bytes"] / (bandwidth * 1e9) * 1e3,
-                 "cpp_step": time_ms(run(native_ops.sparse_adamw_step), device, repeats),
-                 "cpp_step_gathered_grads": time_ms(run(native_ops.sparse_adamw_step, gathered), device, repeats),
+                 "cpp_step": time_ms(run(native.kernel("sparse_adamw_step", "cpu")), device, repeats),
+                 "cpp_step_gathered_grads": time_ms(run(native.kernel("sparse_adamw_step", "cpu"), gathered), device, repeats),
                  "plain_torch": time_ms(run(plain_torch_step), device, repeats),
                  "dense_fused_adamw": dense_fused_adamw_ms(params, grads, device, repeats),
                  "dense_foreach_adamw": dense_fused_adamw_ms(params, grads, device, repeats, impl="foreach")}

@@ -118,9 +118,12 @@ class SelectionAwareTracker(MemTracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.lift_kernels.principal_weights.default:
-            total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
-            self.selection_calls += 1
-            self.selection_peak = max(self.selection_peak, total + selection_workspace_bytes(args[0], self.lra_rank))
+            call = {**dict(zip(("W", "k", "lra_rank", "svd"), args)), **(kwargs or {})}
+            if call.get("svd", "fast") == "fast":  # the compiled kernel's path ("exact" is the reference's)
+                W = call["W"] if call["W"].dim() == 3 else call["W"][None]
+                total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
+                self.selection_calls += 1
+                self.selection_peak = max(self.selection_peak, total + selection_workspace_bytes(W, self.lra_rank))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def label_lift_tensors(self, opt) -> None:

@@ -27,8 +27,12 @@ if os.environ.get("LIFT_NO_NATIVE", "0") == "1":
     EXT_ERROR = "native build skipped (LIFT_NO_NATIVE=1 at install time or now)"
 else:
     try:
-        from . import _C as EXT  # noqa: N811  (registers the torch.ops.lift_kernels ops)
-        from . import _fake_impls  # noqa: F401
+        from . import _C as EXT  # noqa: N811  (its kernels: lift_kernels/ops/native.py registers them)
+        if not hasattr(EXT, "lowrank_cpu"):  # loaded, and it has registered the ops itself: no way back
+            raise RuntimeError(
+                f"{EXT.__file__} is a stale build of lift_kernels._C: it defines the lift_kernels ops itself "
+                "(TORCH_LIBRARY), which lift_kernels/ops/library.py now does. Rebuild it with "
+                "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`).")
     except ImportError as exc:  # not built, or built against another torch
         EXT_ERROR = f"lift_kernels._C could not be loaded ({exc})"
         shadowed = _installed_elsewhere()
@@ -38,9 +42,3 @@ else:
                if shadowed else "Reinstall with `pip install --no-build-isolation -e .` to build the extension")
         warnings.warn(f"{EXT_ERROR}; using the pure-torch reference ops. {fix}.", RuntimeWarning, stacklevel=2)
 
-
-def has_native_op(name: str, device_type: str) -> bool:
-    """Whether ``torch.ops.lift_kernels.<name>`` has a kernel for ``device_type`` ('cpu' or 'cuda')."""
-    if EXT is None:
-        return False
-    return bool(EXT.has_kernel(name, device_type))

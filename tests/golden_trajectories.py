@@ -90,14 +90,10 @@ def run(name: str) -> dict[str, list]:
 
 
 def _clear_backend_cache() -> None:
-    """Backend choices may be cached per environment; start each run from a clean choice."""
-    try:
-        from lift_kernels import backend
-    except ImportError:
-        return
-    cache = getattr(backend, "_CACHE", None)
-    if cache is not None:
-        cache.clear()
+    """Start each run from the backend choice of the environment just set (LIFT_BACKEND)."""
+    from lift_kernels.ops import use_backend
+
+    use_backend()
 
 
 if __name__ == "__main__":

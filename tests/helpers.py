@@ -43,20 +43,15 @@ TRAJECTORY_STEPS = 14  # refreshes at steps 3, 6, 9, 12
 
 def backend_trajectory(model, monkeypatch, forced: str | None, device="cpu", dtype=torch.float32,
                        steps: int = TRAJECTORY_STEPS):
-    """``steps`` steps of LIFTAdamW under LIFT_BACKEND=forced (None: the default choice) on a copy of
+    """``steps`` steps of LIFTAdamW with backend ``forced`` (lift_kernels.ops.use_backend; None: the
+    default choice; ``monkeypatch`` is unused, kept for callers) on a copy of
     ``model``, two LIFT groups with their own lr and a scheduler, refreshes every 3 steps; returns
     the parameters after each step. svd="exact": the selection is the reference's under every
     backend, so differences come from the step and the remap."""
     import copy
 
     import lift_kernels as lk
-    from lift_kernels import backend
 
-    if forced is None:
-        monkeypatch.delenv("LIFT_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("LIFT_BACKEND", forced)
-    backend._CACHE.clear()
     model = copy.deepcopy(model).to(device, dtype)
     groups = [
         {"params": [model.up.weight], "lift": True, "lr": 2e-2},
@@ -67,10 +62,10 @@ def backend_trajectory(model, monkeypatch, forced: str | None, device="cpu", dty
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
     g = torch.Generator().manual_seed(1)
     trajectory = []
-    for _ in range(steps):
-        x, y = (t.to(device, dtype) for t in make_batch(generator=g))
-        loss_step(model, opt, x, y)
-        sched.step()
-        trajectory.append([p.detach().clone() for p in model.parameters()])
-    backend._CACHE.clear()
+    with lk.ops.use_backend(forced):
+        for _ in range(steps):
+            x, y = (t.to(device, dtype) for t in make_batch(generator=g))
+            loss_step(model, opt, x, y)
+            sched.step()
+            trajectory.append([p.detach().clone() for p in model.parameters()])
     return trajectory

@@ -1,73 +1,137 @@
 """Backend choice, forced backends, lk.info() and the native (C++) ops."""
+import contextlib
+
 import pytest
 import torch
 
 import lift_kernels as lk
-from lift_kernels import _ext, backend
-
-
-@pytest.fixture
-def clean_cache():
-    backend._CACHE.clear()
-    yield
-    backend._CACHE.clear()
-
-
-def test_info_reports_every_op_and_the_extension():
-    info = lk.info()
-    assert set(info["ops"]) == set(backend.OPS)
-    for op, per_device in info["ops"].items():
-        assert per_device["cpu"]["backend"] in backend.BACKENDS, (op, per_device)
-        assert per_device["cpu"]["why"]
-    assert info["extension"]["loaded"] == (_ext.EXT is not None)
-
-
-def test_unknown_backend_name_is_refused(monkeypatch, clean_cache):
-    monkeypatch.setenv("LIFT_BACKEND", "metal")
-    with pytest.raises(ValueError, match="LIFT_BACKEND must be one of"):
-        lk.remap_state(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), [])
-
-
-def test_forced_cuda_backend_without_extension_raises(monkeypatch, clean_cache):
-    monkeypatch.setenv("LIFT_BACKEND", "cuda")
-    monkeypatch.setattr(_ext, "EXT", None)
-    monkeypatch.setattr(_ext, "EXT_ERROR", "lift_kernels._C is not built")
-    idx = torch.tensor([1, 2], dtype=torch.int32)
-    with pytest.raises(backend.BackendUnavailableError, match="LIFT_BACKEND=cuda was forced.*not built"):
-        lk.remap_state(idx, idx, [torch.zeros(2)])
-
-
-def test_forced_reference_backend_is_used(monkeypatch, clean_cache):
-    monkeypatch.setenv("LIFT_BACKEND", "reference")
-    assert backend.choose("remap_state", "cpu") == ("reference", "forced by LIFT_BACKEND=reference")
-
+from lift_kernels import _ext, ops
+from lift_kernels.ops import native
+from lift_kernels.ops.backends import BackendUnavailableError, use_backend
 
 needs_ext = pytest.mark.skipif(_ext.EXT is None, reason=f"extension not built: {_ext.EXT_ERROR}")
 
 
+def _has_cpu_kernel(op: str) -> bool:
+    """Whether the dispatcher holds a backend's kernel for CPU tensors (else the reference runs)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lift_kernels::{op}", "CPU")
+
+
+@contextlib.contextmanager
+def _without_extension(monkeypatch, forced):
+    """Kernels registered for backend ``forced`` as if lift_kernels._C were not built."""
+    with use_backend(forced):  # its exit registers the previous choice again, with the extension back
+        with monkeypatch.context() as patch:
+            patch.setattr(_ext, "EXT", None)
+            patch.setattr(_ext, "EXT_ERROR", "lift_kernels._C is not built")
+            use_backend(forced)
+            yield
+
+
+def test_info_reports_every_op_and_the_extension():
+    info = lk.info()
+    assert set(info["ops"]) == set(ops.OPS) == {"sparse_adamw_step", "remap_state", "principal_weights"}
+    assert info["extension"]["loaded"] == (_ext.EXT is not None)
+    assert info["forced_backend"] is None
+    for op, per_device in info["ops"].items():
+        if _ext.EXT is not None:  # every op has a C++ kernel: the CPU default
+            assert per_device["cpu"] == {"backend": "native", "why": "default for cpu"}, op
+            assert f"{op}:cpu" in info["extension"]["kernels"]
+        else:
+            assert per_device["cpu"] == {"backend": "reference",
+                                         "why": f"default for cpu (native skipped: {_ext.EXT_ERROR})"}, op
+
+
+def test_default_without_the_extension_says_native_was_skipped_and_why(monkeypatch):
+    with _without_extension(monkeypatch, None):
+        assert ops.chosen("sparse_adamw_step", "cpu") == (
+            "reference", "default for cpu (native skipped: lift_kernels._C is not built)")
+        assert not _has_cpu_kernel("sparse_adamw_step")  # the reference, the op's default kernel, runs
+        (out,) = lk.remap_state(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([2, 3], dtype=torch.int32),
+                                [torch.tensor([5.0, 6.0])])
+        assert out.tolist() == [6.0, 0.0]
+
+
+def test_forced_reference_backend_is_registered_and_restored():
+    before = _has_cpu_kernel("remap_state")
+    with use_backend("reference"):
+        assert lk.info()["forced_backend"] == "reference"
+        for op in ops.OPS:
+            assert ops.chosen(op, "cpu") == ("reference", "forced by LIFT_BACKEND=reference")
+            assert not _has_cpu_kernel(op)
+    assert ops.forced_backend() is None and _has_cpu_kernel("remap_state") == before
+
+
+def test_lift_backend_is_read_by_use_backend(monkeypatch):
+    monkeypatch.setenv("LIFT_BACKEND", " Reference ")
+    with use_backend():
+        assert ops.chosen("remap_state", "cpu") == ("reference", "forced by LIFT_BACKEND=reference")
+    monkeypatch.delenv("LIFT_BACKEND")
+    with use_backend():
+        assert ops.forced_backend() is None
+
+
+def test_forced_triton_keeps_the_default_for_ops_it_lacks():
+    with use_backend("triton"):  # conftest runs Triton under TRITON_INTERPRET=1 without a GPU
+        assert ops.chosen("sparse_adamw_step", "cpu") == ("triton", "forced by LIFT_BACKEND=triton")
+        backend, why = ops.chosen("principal_weights", "cpu")
+        assert why.startswith("LIFT_BACKEND=triton has no principal_weights; default for cpu")
+        assert backend == ("native" if _ext.EXT is not None else "reference")
+
+
+@pytest.mark.parametrize("name, match", [("metal", "LIFT_BACKEND must be one of .* got 'metal'$"),
+                                         ("cuda", "'cuda' is now 'native'")])
+def test_unknown_backend_name_is_refused(name, match):
+    with pytest.raises(ValueError, match=match):
+        use_backend(name)
+    assert ops.forced_backend() is None
+
+
+def test_forced_native_backend_without_extension_raises_naming_op_device_reason_and_fix(monkeypatch):
+    idx = torch.tensor([1, 2], dtype=torch.int32)
+    with _without_extension(monkeypatch, "native"):
+        backend, why = ops.chosen("remap_state", "cpu")
+        assert backend == "error"
+        with pytest.raises(BackendUnavailableError) as err:
+            lk.remap_state(idx, idx, [torch.zeros(2)])
+    assert str(err.value) == why == (
+        "LIFT_BACKEND=native was forced but cannot run remap_state on cpu tensors: lift_kernels._C is not built. "
+        "Unset LIFT_BACKEND (or call lift_kernels.ops.use_backend(None)) to let lift_kernels choose, or install "
+        "what is missing.")
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    idx = torch.tensor([1, 2], dtype=torch.int32)
+    with use_backend("triton"):
+        with pytest.raises(BackendUnavailableError, match="LIFT_BACKEND=triton was forced but cannot run "
+                           "remap_state on cpu tensors: Triton runs CPU tensors only under TRITON_INTERPRET=1"):
+            lk.remap_state(idx, idx, [torch.zeros(2)])
+
+
 @needs_ext
 def test_native_remap_matches_reference_and_passes_opcheck():
-    from lift_kernels.native_ops import remap_state as native
     from lift_kernels.reference import remap_state as reference
 
+    cpp = native.kernel("remap_state", "cpu")
     for k_old, k_new in [(0, 4), (7, 0), (1, 1), (4097, 123)]:
         old = torch.randperm(9001)[:k_old].sort().values.to(torch.int32)
         new = torch.randperm(9001)[:k_new].sort().values.to(torch.int32)
         states = [torch.randn(k_old), torch.randn(k_old, dtype=torch.float64),
                   torch.randn(k_old).bfloat16()]
-        for got, want in zip(native(old, new, states), reference(old, new, states)):
+        for got, want in zip(cpp(old, new, states), reference(old, new, states)):
             assert got.dtype == want.dtype and torch.equal(got, want)
-        torch.library.opcheck(torch.ops.lift_kernels.remap_state.default, (old, new, states))
+        with use_backend("native"):
+            torch.library.opcheck(torch.ops.lift_kernels.remap_state.default, (old, new, states))
 
 
 @needs_ext
 def test_native_remap_rejects_bad_input():
-    with pytest.raises(RuntimeError, match="int32"):
-        torch.ops.lift_kernels.remap_state(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
-                                           [torch.zeros(2)])
-    with pytest.raises(RuntimeError, match="as many entries as old_idx"):
-        torch.ops.lift_kernels.remap_state(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-                                           [torch.zeros(3)])
+    with use_backend("native"):
+        with pytest.raises(RuntimeError, match="int32"):
+            lk.remap_state(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), [torch.zeros(2)])
+        with pytest.raises(RuntimeError, match="as many entries as old_idx"):
+            lk.remap_state(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), [torch.zeros(3)])
 
 
 def test_triton_folder_does_not_shadow_real_triton():
@@ -81,3 +145,27 @@ def test_triton_folder_does_not_shadow_real_triton():
     if out.returncode != 0:
         pytest.skip(f"triton not installed: {out.stderr.strip()[-200:]}")
     assert not out.stdout.strip().startswith(str(root / "triton")), out.stdout
+
+
+@needs_ext
+def test_choices_for_cuda_tensors_name_what_runs_and_what_was_skipped():
+    """choose() for CUDA tensors, on any machine (this build's _C has CPU kernels; a CUDA build has both)."""
+    from lift_kernels.ops.backends import choose
+
+    from lift_kernels._triton_loader import triton_usable
+
+    triton_ok, triton_why = triton_usable()
+    assert choose("sparse_adamw_step", "cuda", None) == (
+        ("triton", "default for cuda") if triton_ok else ("reference", f"default for cuda (triton skipped: {triton_why}; "
+                                                          "native skipped: lift_kernels._C has no cuda kernel for "
+                                                          "sparse_adamw_step (it has one for cpu tensors only))"))
+    has_cuda = native.kernel("principal_weights", "cuda") is not None
+    assert choose("principal_weights", "cuda", None) == (
+        ("native", "default for cuda") if has_cuda else
+        ("reference", "default for cuda (native skipped: lift_kernels._C has no cuda kernel for principal_weights "
+                      "(it has one for cpu tensors only))"))
+    # forcing native never moves the step quietly to Triton: _C has no CUDA step
+    with pytest.raises(BackendUnavailableError, match=r"LIFT_BACKEND=native was forced but cannot run "
+                       r"sparse_adamw_step on cuda tensors: lift_kernels._C has no cuda kernel for sparse_adamw_step "
+                       r"\(it has one for cpu tensors only\)"):
+        choose("sparse_adamw_step", "cuda", "native")

@@ -6,6 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import lift_kernels as lk
 from lift_kernels import _ext
+from lift_kernels.ops import use_backend
 from lift_kernels.optim.cpu_threads import intra_op_threads
 from lift_kernels.reference import topk_flat_indices
 
@@ -19,11 +20,9 @@ def _model():
 
 @pytest.mark.parametrize("backend", ["", "reference"])
 @pytest.mark.parametrize("svd", ["fast", "exact"])
-def test_two_steps_with_a_refresh_under_fake_mode(monkeypatch, backend, svd):
-    if backend:
-        monkeypatch.setenv("LIFT_BACKEND", backend)
+def test_two_steps_with_a_refresh_under_fake_mode(backend, svd):
     # two intra-op threads: the selection would run its buckets on worker threads, outside the mode
-    with intra_op_threads(2), FakeTensorMode():
+    with use_backend(backend or None), intra_op_threads(2), FakeTensorMode():
         model = _model()
         opt = lk.LIFTAdamW(model.parameters(), rank=2, lra_rank=1, update_interval=2, sparse_grad=True,
                            svd=svd)
@@ -57,28 +56,27 @@ needs_native = pytest.mark.skipif(_ext.EXT is None, reason="lift_kernels._C is n
 
 @needs_native
 def test_native_selection_seed_is_the_generators_first_draw():
-    """Real runs are unchanged: the native op gets the seed a plain randint draw gives."""
-    from lift_kernels import native_ops
+    """Real runs are unchanged: the native kernel gets the seed a plain randint draw gives."""
 
     # Every singular value of W is 1: its best rank-1 approximation is whatever direction the random
     # sketch starts from, so the selection depends on the seed (lra_rank 1 keeps the Krylov basis,
     # 294 columns, narrower than the matrix: the randomized path, not the exact SVD).
     W = torch.linalg.qr(torch.randn(352, 320, generator=torch.Generator().manual_seed(1))).Q.mT[None]
-    idx = native_ops.principal_weights(W, 3000, 1, generator=torch.Generator().manual_seed(7))
+    with use_backend("native"):
+        idx = lk.principal_weights(W, 3000, 1, generator=torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-    assert torch.equal(idx, torch.ops.lift_kernels.principal_weights(W, 3000, 1, True, seed))
+    assert torch.equal(idx, torch.ops.lift_kernels._principal_weights_seeded(W, 3000, 1, True, seed))
     # and another seed gives another selection, so the comparison above can fail
-    assert not torch.equal(idx, torch.ops.lift_kernels.principal_weights(W, 3000, 1, True, seed + 1))
+    assert not torch.equal(idx, torch.ops.lift_kernels._principal_weights_seeded(W, 3000, 1, True, seed + 1))
 
 
 @needs_native
 def test_fake_selection_consumes_the_same_randomness_as_a_real_one():
-    from lift_kernels import native_ops
-
     real_gen, fake_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    native_ops.principal_weights(torch.randn(96, 80), 300, 4, generator=real_gen)
-    with FakeTensorMode():
-        out = native_ops.principal_weights(torch.randn(96, 80), 300, 4, generator=fake_gen)
+    with use_backend("native"):
+        lk.principal_weights(torch.randn(96, 80), 300, 4, generator=real_gen)
+        with FakeTensorMode():
+            out = lk.principal_weights(torch.randn(96, 80), 300, 4, generator=fake_gen)
     assert is_fake(out) and out.shape == (300,)
     assert torch.equal(real_gen.get_state(), fake_gen.get_state())

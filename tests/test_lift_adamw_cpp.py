@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lift_kernels import _ext, native_ops
+from lift_kernels import _ext
+from lift_kernels.ops import native
 from helpers import TRAJECTORY_STEPS, TinyMLP, backend_trajectory
 
 STEPS = TRAJECTORY_STEPS
 
-pytestmark = pytest.mark.skipif(not _ext.has_native_op("sparse_adamw_step", "cpu"),
-                                reason=f"lift_kernels._C has no CPU sparse_adamw_step ({_ext.EXT_ERROR})")
+pytestmark = pytest.mark.skipif(native.kernel("sparse_adamw_step", "cpu") is None,
+                                reason=native.why_not("sparse_adamw_step", "cpu") or "")
 
 
 def _train(model, monkeypatch, forced: str | None, dtype=torch.float32):
@@ -20,11 +21,9 @@ def _train(model, monkeypatch, forced: str | None, dtype=torch.float32):
 
 def test_default_cpu_step_is_the_cpp_kernel_and_follows_the_reference(monkeypatch):
     model, calls = TinyMLP(), []
-    with monkeypatch.context() as patch:
-        patch.setattr(native_ops, "sparse_adamw_step",
-                      lambda *a, **kw: calls.append(1) or torch.ops.lift_kernels.sparse_adamw_step(
-                          *a[:5], a[5] or [], kw["step"], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"],
-                          kw["weight_decay"]))
+    cpp = _ext.EXT.sparse_adamw_step_cpu
+    with monkeypatch.context() as patch:  # registered by the backend_trajectory's use_backend(None)
+        patch.setattr(_ext.EXT, "sparse_adamw_step_cpu", lambda *a: calls.append(1) or cpp(*a))
         got = _train(model, monkeypatch, None)
     want = _train(model, monkeypatch, "reference")
     assert len(calls) == 2 * STEPS  # one call per LIFT group and step
@@ -34,9 +33,10 @@ def test_default_cpu_step_is_the_cpp_kernel_and_follows_the_reference(monkeypatc
     assert not torch.equal(got[-1][0], got[0][0]) and not torch.equal(got[-1][3], got[0][3])
 
 
-def test_bf16_weights_with_master_copies_train_like_reference(monkeypatch):
+@pytest.mark.parametrize("forced", [None, "native"], ids=["default", "forced_native"])
+def test_bf16_weights_with_master_copies_train_like_reference(monkeypatch, forced):
     model = TinyMLP()
-    got, want = _train(model, monkeypatch, None, torch.bfloat16), _train(model, monkeypatch, "reference", torch.bfloat16)
+    got, want = _train(model, monkeypatch, forced, torch.bfloat16), _train(model, monkeypatch, "reference", torch.bfloat16)
     for a, b in zip(got[-1], want[-1]):
         # the same arithmetic rounded the same way; a rare one-ulp rounding flip is allowed
         torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)

@@ -13,12 +13,13 @@ import torch
 
 import lift_kernels as lk
 from lift_kernels import _ext
+from lift_kernels.ops import native
 from lift_kernels.reference import exact_lowrank, fast_lowrank, topk_flat_indices
 from lift_kernels.reference.lowrank import DEFAULT_OVERSAMPLE, DEFAULT_PASSES
 
 pytestmark = pytest.mark.skipif(_ext.EXT is None, reason=f"native extension not built: {_ext.EXT_ERROR}")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ext.has_native_op("principal_weights", "cuda")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and native.kernel("principal_weights", "cuda")
                      else [])
 ops = torch.ops.lift_kernels
 
@@ -133,7 +134,7 @@ def test_lowrank_factors_match_the_reference(device, dtype, shape, rank, passes,
 def test_principal_weights_is_the_selection_of_its_factors(device):
     W = _low_rank_plus_noise(2, 600, 420, 3, 4).to(device)
     k, r, seed = 5000, 3, 123
-    idx = ops.principal_weights(W, k, r, True, seed)
+    idx = ops._principal_weights_seeded(W, k, r, True, seed)
     L, R = ops._lowrank(W, r, seed, DEFAULT_PASSES, DEFAULT_OVERSAMPLE)
     assert torch.equal(idx, ops._topk_abs_product(L, R, k, True))
     # and the reference, fed the same random start, selects (nearly) the same entries
@@ -144,8 +145,8 @@ def test_principal_weights_is_the_selection_of_its_factors(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_seed_reproduces_the_selection(device):
     W = torch.randn(1, 600, 420, generator=torch.Generator().manual_seed(5)).to(device)
-    a = ops.principal_weights(W, 4000, 2, True, 7)
-    assert torch.equal(a, ops.principal_weights(W, 4000, 2, True, 7))
+    a = ops._principal_weights_seeded(W, 4000, 2, True, 7)
+    assert torch.equal(a, ops._principal_weights_seeded(W, 4000, 2, True, 7))
     La, _ = ops._lowrank(W, 2, 7, DEFAULT_PASSES, DEFAULT_OVERSAMPLE)
     Lb, _ = ops._lowrank(W, 2, 8, DEFAULT_PASSES, DEFAULT_OVERSAMPLE)
     assert not torch.equal(La, Lb), "the seed must reach the random start"
@@ -162,7 +163,7 @@ def test_principal_weights_on_odd_sizes_and_batches(device, b, m, n, r, largest)
     W = _low_rank_plus_noise(b, m, n, r, 6)
     exact = lk.principal_weights(W, (m * n) // 10, r, svd="exact", largest=largest)
     for k in (0, 1, (m * n) // 10, m * n):
-        idx = ops.principal_weights(W.to(device), k, r, largest, 3).cpu()
+        idx = ops._principal_weights_seeded(W.to(device), k, r, largest, 3).cpu()
         _assert_is_selection(idx, b, k, m, n)
         if k == m * n:
             assert torch.equal(idx, torch.arange(m * n, dtype=torch.int32).expand(b, -1))
@@ -174,7 +175,7 @@ def test_principal_weights_on_odd_sizes_and_batches(device, b, m, n, r, largest)
 def test_input_dtypes(device):
     W = _low_rank_plus_noise(2, 640, 350, 4, 7).to(device)
     k = 20000
-    by_dtype = {dt: ops.principal_weights(W.to(dt), k, 4, True, 1)
+    by_dtype = {dt: ops._principal_weights_seeded(W.to(dt), k, 4, True, 1)
                 for dt in (torch.float32, torch.float64, torch.bfloat16)}
     for idx in by_dtype.values():
         _assert_is_selection(idx, 2, k, 640, 350)
@@ -182,7 +183,7 @@ def test_input_dtypes(device):
     agree = lambda a, b: torch.isin(a, b).float().mean(1).min().item()  # noqa: E731
     floor = _agreement_floor(device, torch.float32)
     assert agree(by_dtype[torch.float32], by_dtype[torch.float64]) >= floor
-    bf16_as_fp32 = ops.principal_weights(W.to(torch.bfloat16).float(), k, 4, True, 1)
+    bf16_as_fp32 = ops._principal_weights_seeded(W.to(torch.bfloat16).float(), k, 4, True, 1)
     if device == "cpu":  # the CPU upcasts bf16 weights: bit-identical to passing the upcast copy
         assert torch.equal(by_dtype[torch.bfloat16], bf16_as_fp32)
     else:  # the GPU reads them as bf16 (split basis, 2^-16) vs TF32 for the fp32 copy
@@ -193,19 +194,19 @@ def test_input_dtypes(device):
 def test_selection_does_not_depend_on_the_scale_of_w(device):
     # Krylov products scale as |W|^2: unscaled, 2^+-100 would overflow or underflow fp32.
     W = _low_rank_plus_noise(1, 700, 400, 4, 9).to(device)
-    idx = ops.principal_weights(W, 5000, 4, True, 2)
+    idx = ops._principal_weights_seeded(W, 5000, 4, True, 2)
     for scale in (2.0**-100, 2.0**100):  # powers of two: every intermediate scales exactly
-        assert torch.equal(ops.principal_weights(W * scale, 5000, 4, True, 2), idx)
+        assert torch.equal(ops._principal_weights_seeded(W * scale, 5000, 4, True, 2), idx)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_degenerate_matrices(device):
     zeros = torch.zeros(2, 700, 400, device=device)  # every entry ties: the lowest indices win
     first = torch.arange(50, dtype=torch.int32).expand(2, -1)
-    assert torch.equal(ops.principal_weights(zeros, 50, 4, True, 0).cpu(), first)
+    assert torch.equal(ops._principal_weights_seeded(zeros, 50, 4, True, 0).cpu(), first)
     g = torch.Generator().manual_seed(10)
     rank1 = torch.randn(2, 700, 1, generator=g) @ torch.randn(2, 1, 400, generator=g)  # Krylov space exhausted
-    idx = ops.principal_weights(rank1.to(device), 5000, 4, True, 0).cpu()
+    idx = ops._principal_weights_seeded(rank1.to(device), 5000, 4, True, 0).cpu()
     exact = lk.principal_weights(rank1, 5000, 1, svd="exact")
     assert torch.isin(idx, exact).float().mean(1).min() >= _agreement_floor(device, torch.float32)
 
@@ -222,7 +223,7 @@ def test_bad_inputs_name_the_parameter(args, match):
     call = dict(W=torch.randn(1, 30, 20), k=10, lra_rank=4, largest=True, seed=0)
     call.update(args)
     with pytest.raises(RuntimeError, match=match):
-        ops.principal_weights(call["W"], call["k"], call["lra_rank"], call["largest"], call["seed"])
+        ops._principal_weights_seeded(call["W"], call["k"], call["lra_rank"], call["largest"], call["seed"])
 
 
 @pytest.mark.parametrize("L,R,k,match", [
@@ -250,8 +251,8 @@ def test_ops_pass_opcheck(device):
     W = _low_rank_plus_noise(2, 40, 30, 3, 8).to(device)
     L, R = _integer_factors(2, 40, 30, 3, device)
     samples = [
-        (ops.principal_weights.default, (W, 100, 3, True, 5)),
-        (ops.principal_weights.default, (W.double(), 0, 2, False, 5)),
+        (ops._principal_weights_seeded.default, (W, 100, 3, True, 5)),
+        (ops._principal_weights_seeded.default, (W.double(), 0, 2, False, 5)),
         (ops._lowrank.default, (W, 3, 5, 4, 2)),
         (ops._topk_abs_product.default, (L, R, 77, True)),
     ]

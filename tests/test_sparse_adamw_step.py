@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lift_kernels as lk
-from lift_kernels import _ext, backend, native_ops
+from lift_kernels import ops
 from lift_kernels._triton_loader import load_kernel_module
+from lift_kernels.ops import native, use_backend
 from lift_kernels.reference import sparse_adamw_step as reference_step
 from sm90_compile import triton_facts
 
@@ -169,8 +170,10 @@ def test_registered_op_declares_its_mutations():
     case = _case(torch.bfloat16, False, True, SHAPES[:2])
     args = (case["params"], case["grads"][0], case["idxs"], case["exp_avgs"], case["exp_avg_sqs"],
             case["masters"], 3, 1e-3, 0.9, 0.95, 1e-8, 0.1)
-    torch.library.opcheck(torch.ops.lift_kernels.triton_sparse_adamw_step.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args, kwargs = args[:6], dict(zip(("step", "lr", "beta1", "beta2", "eps", "weight_decay"), args[6:]))
+    with use_backend("triton"):
+        torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, args, kwargs,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -184,22 +187,17 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
-    monkeypatch.setenv("LIFT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    backend._CACHE.clear()
     case = _case(torch.float32, False, False, SHAPES[:1])
     cpu = {key: [t.cpu() for t in case[key]] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
-    try:
-        with pytest.raises(backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-            lk.sparse_adamw_step(cpu["params"], [g.cpu() for g in case["grads"][0]], cpu["idxs"],
-                                 cpu["exp_avgs"], cpu["exp_avg_sqs"], step=1, lr=1e-3, **HP)
-    finally:
-        backend._CACHE.clear()
+    with use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        lk.sparse_adamw_step(cpu["params"], [g.cpu() for g in case["grads"][0]], cpu["idxs"],
+                             cpu["exp_avgs"], cpu["exp_avg_sqs"], step=1, lr=1e-3, **HP)
 
 
 # ------------------------------------------------------------------------ the C++ CPU step (_C)
-needs_cpp = pytest.mark.skipif(not _ext.has_native_op("sparse_adamw_step", "cpu"),
-                               reason=f"lift_kernels._C has no CPU sparse_adamw_step ({_ext.EXT_ERROR})")
+cpp_step = native.kernel("sparse_adamw_step", "cpu")  # the C++ kernel, called directly
+needs_cpp = pytest.mark.skipif(cpp_step is None, reason=native.why_not("sparse_adamw_step", "cpu") or "")
 
 
 @needs_cpp
@@ -207,7 +205,7 @@ needs_cpp = pytest.mark.skipif(not _ext.has_native_op("sparse_adamw_step", "cpu"
 @pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
 def test_cpp_fp32_matches_reference(gathered, masters):
     case = _case(torch.float32, gathered, masters, device="cpu")
-    got, want = _run(native_ops.sparse_adamw_step, case), _run(reference_step, case)
+    got, want = _run(cpp_step, case), _run(reference_step, case)
     for g, w in zip(_updated(got), _updated(want)):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
@@ -220,7 +218,7 @@ def test_cpp_moments_round_exactly_as_torch(dtype, beta1):
     round as torch's kernels round on this CPU (fused multiply-add or not, both lerp formulas)."""
     case = _case(dtype, True, False, device="cpu")
     states = []
-    for fn in (native_ops.sparse_adamw_step, reference_step):
+    for fn in (cpp_step, reference_step):
         state = {key: [t.clone() for t in case[key]] for key in ("params", "idxs", "exp_avgs", "exp_avg_sqs")}
         for (step, lr), grads in zip(CALLS, case["grads"]):
             fn(state["params"], grads, state["idxs"], state["exp_avgs"], state["exp_avg_sqs"], step=step, lr=lr,
@@ -236,7 +234,7 @@ def test_cpp_moments_round_exactly_as_torch(dtype, beta1):
 @pytest.mark.parametrize("gathered", [False, True], ids=["dense_grad", "gathered_grad"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpp_low_precision_error_at_most_twice_torch(dtype, gathered, masters):
-    _assert_error_at_most_twice_torch(native_ops.sparse_adamw_step, _case(dtype, gathered, masters, device="cpu"))
+    _assert_error_at_most_twice_torch(cpp_step, _case(dtype, gathered, masters, device="cpu"))
 
 
 @needs_cpp
@@ -252,9 +250,9 @@ def test_cpp_many_weights_split_over_threads_match_one_thread_and_reference():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(native_ops.sparse_adamw_step, case)
+        one = _run(cpp_step, case)
         torch.set_num_threads(2)
-        two = _run(native_ops.sparse_adamw_step, case)
+        two = _run(cpp_step, case)
     finally:
         torch.set_num_threads(threads)
     want = _run(reference_step, case)
@@ -276,7 +274,7 @@ def test_cpp_weights_of_several_dtypes_in_one_call():
     grads[3] = grads[3].float()  # a gathered fp32 grad for a bf16 weight
     assert not grads[0].is_contiguous()
     results = []
-    for fn in (native_ops.sparse_adamw_step, reference_step):
+    for fn in (cpp_step, reference_step):
         state = {key: [None if t is None else t.clone() for t in ts] for key, ts in merged.items()}
         fn(state["params"], grads, state["idxs"], state["exp_avgs"], state["exp_avg_sqs"], state["masters"], step=4,
            lr=3e-4, **{**HP, "beta1": 0.3})
@@ -290,9 +288,10 @@ def test_cpp_op_declares_its_mutations():
     case = _case(torch.bfloat16, True, True, SHAPES[:3], device="cpu")
     args = (case["params"], case["grads"][0], case["idxs"], case["exp_avgs"], case["exp_avg_sqs"],
             case["masters"], 3, 1e-3, 0.9, 0.95, 1e-8, 0.1)
-    torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, args)
-    no_masters = (*args[:5], [], *args[6:])
-    torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, no_masters)
+    args, kwargs = args[:6], dict(zip(("step", "lr", "beta1", "beta2", "eps", "weight_decay"), args[6:]))
+    with use_backend("native"):
+        torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, args, kwargs)
+        torch.library.opcheck(torch.ops.lift_kernels.sparse_adamw_step.default, (*args[:5], None), kwargs)
 
 
 @needs_cpp
@@ -318,12 +317,13 @@ def test_cpp_bad_inputs_raise_errors_naming_the_argument(broken, message):
     args.update(grads=list(case["grads"][0]), step=1)
     broken(args)
     with pytest.raises(RuntimeError, match=message):
-        native_ops.sparse_adamw_step(args["params"], args["grads"], args["idxs"], args["exp_avgs"],
+        cpp_step(args["params"], args["grads"], args["idxs"], args["exp_avgs"],
                                      args["exp_avg_sqs"], args["masters"], step=args["step"], lr=1e-3, **HP)
 
 
 @needs_cpp
 def test_cpp_step_is_the_cpu_default_and_the_reference_can_be_forced(monkeypatch):
-    assert backend.choose("sparse_adamw_step", "cpu")[0] == "cuda"
+    assert ops.chosen("sparse_adamw_step", "cpu") == ("native", "default for cpu")
     monkeypatch.setenv("LIFT_BACKEND", "reference")
-    assert backend.choose("sparse_adamw_step", "cpu") == ("reference", "forced by LIFT_BACKEND=reference")
+    with use_backend():
+        assert ops.chosen("sparse_adamw_step", "cpu") == ("reference", "forced by LIFT_BACKEND=reference")

@@ -92,7 +92,9 @@ def _remap_kernel(old_idx_ptr, new_idx_ptr, k_old, k_new, src0, dst0, src1, dst1
                      dst3, NUM_STATES=NUM_STATES, MASKED=True, BLOCK=BLOCK)
 
 
-def _launch(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
+def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
+    """The Triton kernel of the op lift_kernels::remap_state (lift_kernels/ops/library.py; semantics:
+    lift_kernels.reference.remap_state)."""
     k_old, k_new = old_idx.numel(), new_idx.numel()
     for s in states:
         if s.numel() != k_old:
@@ -112,17 +114,3 @@ def _launch(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tens
                                                      NUM_STATES=len(src), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
-
-# Registered as a torch op so that torch.compile sees an opaque call; no synchronisation added.
-_OP = "triton_remap_state"
-_lib = torch.library.Library("lift_kernels", "FRAGMENT")
-_lib.define(f"{_OP}(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[]")
-_lib.impl(_OP, _launch, "CompositeExplicitAutograd")
-torch.library.register_fake(f"lift_kernels::{_OP}", lambda old_idx, new_idx, states: [
-    s.new_empty(new_idx.numel()) for s in states], lib=_lib)
-
-
-def remap_state(old_idx: Tensor, new_idx: Tensor, states: list[Tensor]) -> list[Tensor]:
-    """Triton implementation of lift_kernels.reference.remap_state (same semantics), through the
-    op torch.ops.lift_kernels.triton_remap_state."""
-    return list(torch.ops.lift_kernels.triton_remap_state(old_idx, new_idx, states))

@@ -41,7 +41,7 @@ NUM_WARPS = 8
 # master) from their base tensors, then k and the weight's first block.
 ROW = 8
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TABLE_CACHE_SIZE = 64
 
 
@@ -203,7 +203,7 @@ def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device,
 
 # ------------------------------------------------------------------------------------ the op
 def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tensor | None) -> None:
-    if p.dtype not in _TL_DTYPE or g.dtype not in _TL_DTYPE:
+    if p.dtype not in _WEIGHT_DTYPES or g.dtype not in _WEIGHT_DTYPES:
         raise TypeError(f"weights and grads must be fp32, bf16 or fp16, got {p.dtype} and {g.dtype}")
     if not p.is_contiguous():
         raise ValueError("the Triton sparse AdamW step updates weights in place and needs them contiguous")
@@ -219,12 +219,17 @@ def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tens
                          f"got shape {tuple(g.shape)}")
 
 
-def _launch(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
-            exp_avg_sqs: list[Tensor], masters: list[Tensor | None], step: int, lr: float, beta1: float,
-            beta2: float, eps: float, weight_decay: float) -> None:
-    """Weights that agree on weight dtype, grad dtype, gathered or dense grad and master or none
+def sparse_adamw_step(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], masters: list[Tensor | None] | None = None, *, step: int,
+                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """The Triton kernel of the op lift_kernels::sparse_adamw_step (lift_kernels/ops/library.py;
+    semantics: lift_kernels.reference.sparse_adamw_step). Moments and masters must be fp32.
+
+    Weights that agree on weight dtype, grad dtype, gathered or dense grad and master or none
     share a launch of the kernel specialized for that; the optimizer's buckets agree on all four,
     so a step of a bucket is one launch."""
+    if masters is None:
+        masters = [None] * len(params)
     groups: dict[tuple, list[tuple]] = {}
     for p, g, idx, m, v, master in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, strict=True):
         _check(p, g, idx, m, v, master)
@@ -245,25 +250,3 @@ def _launch(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_a
         _sparse_adamw_kernel[(n_blocks,)](table, p, g, idx, m, *scalars, GATHERED_GRAD=gathered_grad,
                                           MASTER=master, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
-
-# Registered as a torch op so that torch.compile sees an opaque call with declared mutations; the
-# op adds dispatcher overhead (tens of microseconds per call) but no synchronisation.
-_OP = "triton_sparse_adamw_step"
-_lib = torch.library.Library("lift_kernels", "FRAGMENT")
-_lib.define(f"{_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, Tensor(b!)[] exp_avgs, "
-            "Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[] masters, int step, float lr, float beta1, "
-            "float beta2, float eps, float weight_decay) -> ()")
-_lib.impl(_OP, _launch, "CompositeExplicitAutograd")
-torch.library.register_fake(f"lift_kernels::{_OP}", lambda *args: None, lib=_lib)
-
-
-def sparse_adamw_step(params: list[Tensor], grads: list[Tensor], idxs: list[Tensor],
-                      exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      masters: list[Tensor | None] | None = None, *, step: int, lr: float,
-                      beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """Triton implementation of lift_kernels.reference.sparse_adamw_step (same semantics), through
-    the op torch.ops.lift_kernels.triton_sparse_adamw_step. Moments and masters must be fp32."""
-    if masters is None:
-        masters = [None] * len(params)
-    torch.ops.lift_kernels.triton_sparse_adamw_step(params, grads, idxs, exp_avgs, exp_avg_sqs, masters,
-                                                    step, lr, beta1, beta2, eps, weight_decay)

@@ -2,12 +2,12 @@
 // |L R| that recomputes L R in every radix pass, a tile of rows per GEMM (r multiply-adds per
 // entry), instead of storing the m x n product. Tiles are split over threads with at::parallel_for.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <mutex>
 #include <vector>
 
+#include "../kernels.h"
 #include "../principal_weights.h"
 #include "../radix_select.h"
 #include "../topk_abs_product.h"
@@ -118,6 +118,8 @@ void select_matrix(const Factors<scalar_t>& F, int64_t k, bool largest, int32_t*
   });
 }
 
+}  // namespace
+
 at::Tensor topk_abs_product_cpu(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest) {
   check_topk_abs_product_args(L, R, k);
   const int64_t b = L.size(0), m = L.size(1), r = L.size(2), n = R.size(2);
@@ -136,11 +138,4 @@ at::Tensor principal_weights_cpu(const at::Tensor& W, int64_t k, int64_t lra_ran
   return principal_weights(W, k, lra_rank, largest, seed, &topk_abs_product_cpu);
 }
 
-}  // namespace
 }  // namespace lift
-
-TORCH_LIBRARY_IMPL(lift_kernels, CPU, m) {
-  m.impl("principal_weights", &lift::principal_weights_cpu);
-  m.impl("_topk_abs_product", &lift::topk_abs_product_cpu);
-  m.impl("_lowrank", &lift::lowrank_op);
-}

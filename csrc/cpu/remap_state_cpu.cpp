@@ -1,14 +1,16 @@
 // remap_state on the CPU: one merge pass over the two sorted index vectors, O(k_old + k_new),
 // no m x n temporary and no per-entry binary search.
-#include <torch/extension.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <vector>
 
-namespace {
+#include "../kernels.h"
+
+namespace lift {
 
 std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Tensor& new_idx,
-                                        at::TensorList states) {
+                                        const std::vector<at::Tensor>& states) {
   TORCH_CHECK(old_idx.scalar_type() == at::kInt && new_idx.scalar_type() == at::kInt,
               "remap_state: old_idx and new_idx must be int32 (sorted flat indices)");
   TORCH_CHECK(old_idx.dim() == 1 && new_idx.dim() == 1, "remap_state: index vectors must be 1-D");
@@ -47,6 +49,4 @@ std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Ten
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lift_kernels, CPU, m) { m.impl("remap_state", &remap_state_cpu); }
+}  // namespace lift

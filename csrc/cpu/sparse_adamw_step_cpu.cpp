@@ -18,7 +18,6 @@
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -26,6 +25,9 @@
 #include <string>
 #include <vector>
 
+#include "../kernels.h"
+
+namespace lift {
 namespace {
 
 constexpr int64_t kTile = 256;                  // entries per gather / update / scatter round (2 KiB of stack)
@@ -206,9 +208,12 @@ float* state_ptr(const at::Tensor& s, const char* name, size_t i, int64_t k) {
   return s.data_ptr<float>();
 }
 
-void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList idxs,
-                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                           const c10::List<std::optional<at::Tensor>>& masters, int64_t step, double lr,
+}  // namespace
+
+void sparse_adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                           const std::vector<at::Tensor>& idxs, const std::vector<at::Tensor>& exp_avgs,
+                           const std::vector<at::Tensor>& exp_avg_sqs,
+                           const std::vector<std::optional<at::Tensor>>& masters, int64_t step, double lr,
                            double beta1, double beta2, double eps, double weight_decay) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && idxs.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
@@ -240,7 +245,7 @@ void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     float* v = state_ptr(exp_avg_sqs[i], "exp_avg_sqs", i, k);
     float* master = nullptr;
     if (masters.size() != 0) {
-      const std::optional<at::Tensor> ms = masters.get(i);
+      const std::optional<at::Tensor>& ms = masters[i];
       if (ms.has_value() && ms->defined()) master = state_ptr(*ms, "masters", i, k);
     }
     at::Tensor g = grads[i];
@@ -283,6 +288,4 @@ void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
               "tiles were left unchanged. idxs must hold sorted flat indices in [0, numel of the weight)");
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lift_kernels, CPU, m) { m.impl("sparse_adamw_step", &sparse_adamw_step_cpu); }
+}  // namespace lift

@@ -4,10 +4,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <tuple>
 
+#include "../kernels.h"
 #include "../principal_weights.h"
 #include "../radix_select.h"
 #include "../topk_abs_product.h"
@@ -42,6 +42,8 @@ void select_on_stream(const cuda::Factors<scalar_t>& f, int64_t k, at::Tensor& o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 at::Tensor topk_abs_product_cuda(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest) {
   check_topk_abs_product_args(L, R, k);
   TORCH_CHECK(L.is_cuda(), "topk_abs_product: L and R must be CUDA tensors");
@@ -63,11 +65,4 @@ at::Tensor principal_weights_cuda(const at::Tensor& W, int64_t k, int64_t lra_ra
   return principal_weights(W, k, lra_rank, largest, seed, &topk_abs_product_cuda);
 }
 
-}  // namespace
 }  // namespace lift
-
-TORCH_LIBRARY_IMPL(lift_kernels, CUDA, m) {
-  m.impl("principal_weights", &lift::principal_weights_cuda);
-  m.impl("_topk_abs_product", &lift::topk_abs_product_cuda);
-  m.impl("_lowrank", &lift::lowrank_op);
-}

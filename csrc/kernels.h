@@ -1,0 +1,37 @@
+// The kernels of lift_kernels._C, one function per op and device, bound to Python in ops.cpp.
+//
+// The extension defines no torch ops: every op's schema, fake implementation and reference live in
+// lift_kernels/ops/library.py, and lift_kernels/ops/backends.py registers these functions as the
+// ops' CPU and CUDA kernels (via lift_kernels/ops/native.py). Each function takes the arguments of
+// its op's schema, in order.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace lift {
+
+// sparse_adamw_step; masters is empty (no master copies) or one entry per weight, None where none.
+void sparse_adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                           const std::vector<at::Tensor>& idxs, const std::vector<at::Tensor>& exp_avgs,
+                           const std::vector<at::Tensor>& exp_avg_sqs,
+                           const std::vector<std::optional<at::Tensor>>& masters, int64_t step, double lr,
+                           double beta1, double beta2, double eps, double weight_decay);
+
+std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Tensor& new_idx,
+                                        const std::vector<at::Tensor>& states);
+
+// _principal_weights_seeded (W a batch (b, m, n)) and _topk_abs_product; _lowrank is lowrank_op
+// (principal_weights.h), the same code on every device.
+at::Tensor principal_weights_cpu(const at::Tensor& W, int64_t k, int64_t lra_rank, bool largest, int64_t seed);
+at::Tensor topk_abs_product_cpu(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest);
+#ifdef LIFT_WITH_CUDA
+at::Tensor principal_weights_cuda(const at::Tensor& W, int64_t k, int64_t lra_rank, bool largest, int64_t seed);
+at::Tensor topk_abs_product_cuda(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest);
+#endif
+
+}  // namespace lift

@@ -1,0 +1,181 @@
+"""Which backend runs each op on each device, and why; registers its kernels with torch.library.
+
+Backends: ``reference`` (pure torch, lift_kernels.reference: the ops' CompositeExplicitAutograd
+kernels, library.py), ``triton`` (kernels in the top-level triton/ folder; on CPU tensors only under
+TRITON_INTERPRET=1) and ``native`` (the compiled extension lift_kernels._C: C++ kernels for CPU
+tensors, CUDA kernels for GPU tensors). For each op and device this module registers the chosen
+backend's kernel at the device's dispatch key (CPU, CUDA); torch's dispatcher does the rest, so a
+call costs no lookup here.
+
+Defaults: on the CPU ``native`` where _C has the kernel, else the reference; on CUDA ``triton``
+where it has the op (sparse_adamw_step, remap_state) and can run, else ``native``, else the
+reference. ``LIFT_BACKEND=reference|triton|native`` forces one backend for every op it implements
+(the others keep their defaults); where it cannot run, the op raises BackendUnavailableError instead
+of falling back quietly.
+
+LIFT_BACKEND is read when lift_kernels is imported (an unknown name fails the import with a
+ValueError that lists the names). ``use_backend(name)`` re-registers at run time:
+``use_backend("reference")`` forces, ``use_backend(None)`` restores the defaults, ``use_backend()``
+follows LIFT_BACKEND again; used as a context manager it restores the previous choice on exit.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .. import _triton_loader
+from . import native
+from .library import NAMESPACE, OPS
+
+BACKENDS = ("reference", "triton", "native")
+_TRITON_OPS = ("sparse_adamw_step", "remap_state")
+_DEFAULTS = {"cpu": ("native",), "cuda": ("triton", "native")}  # then the reference
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_FROM_ENV = object()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the op here."""
+
+
+def devices() -> list[str]:
+    """The device types whose kernels are chosen here: the CPU, and CUDA where torch can use it."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _triton_kernel(op: str) -> Callable:
+    return getattr(_triton_loader.load_kernel_module(op), op)
+
+
+def implements(backend: str, op: str) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` at all (on some device)."""
+    return backend == "reference" or (backend == "triton" and op in _TRITON_OPS) or (
+        backend == "native" and native.implements(op))
+
+
+def _why_not(op: str, backend: str, device_type: str) -> str | None:
+    """None if ``backend`` (which implements ``op``) can run it on ``device_type``, else the reason."""
+    if backend == "native":
+        return native.why_not(op, device_type)
+    if backend == "triton":
+        ok, why = _triton_loader.triton_usable()
+        if not ok:
+            return why
+        if device_type == "cpu" and not _triton_loader.interpreting():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device_type} tensors"
+    return None
+
+
+def _kernel(op: str, backend: str, device_type: str) -> Callable | None:
+    """What to register at the device's key for ``backend``; None for the reference (the default kernel)."""
+    if backend == "triton":
+        return _triton_kernel(op)
+    if backend == "native":
+        return native.kernel(op, device_type)
+    return None
+
+
+def parse(name: str | None) -> str | None:
+    """A LIFT_BACKEND value as a backend name (None: unset), or ValueError."""
+    name = (name or "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        hint = (" ('cuda' is now 'native': lift_kernels._C's C++ and CUDA kernels)" if name == "cuda" else "")
+        raise ValueError(f"LIFT_BACKEND must be one of {BACKENDS} or unset, got {name!r}{hint}")
+    return name
+
+
+def choose(op: str, device_type: str, forced: str | None) -> tuple[str, str]:
+    """(backend, reason) for ``op`` on ``device_type`` tensors; raises BackendUnavailableError if the
+    ``forced`` backend implements the op but cannot run it there."""
+    if forced is not None and implements(forced, op):
+        why = _why_not(op, forced, device_type)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"LIFT_BACKEND={forced} was forced but cannot run {op} on {device_type} tensors: {why}. "
+                "Unset LIFT_BACKEND (or call lift_kernels.ops.use_backend(None)) to let lift_kernels choose, "
+                "or install what is missing.")
+        return forced, f"forced by LIFT_BACKEND={forced}"
+    prefix = f"LIFT_BACKEND={forced} has no {op}; " if forced is not None else ""
+    skipped = []
+    for backend in _DEFAULTS.get(device_type, ()):
+        if not implements(backend, op):
+            continue
+        why = _why_not(op, backend, device_type)
+        if why is None:
+            break
+        skipped.append(f"{backend} skipped: {why}")
+    else:
+        backend = "reference"
+    note = f" ({'; '.join(skipped)})" if skipped else ""
+    return backend, f"{prefix}default for {device_type}{note}"
+
+
+def _unavailable(error: BackendUnavailableError) -> Callable:
+    def kernel(*args, **kwargs):
+        raise BackendUnavailableError(str(error))
+    return kernel
+
+
+class _Registry:
+    """The current torch.library registrations of the backends' kernels, and why each was chosen."""
+
+    def __init__(self):
+        self.lib: torch.library.Library | None = None
+        self.forced: str | None = None
+        self.choices: dict[tuple[str, str], tuple[str, str]] = {}  # (op, device) -> (backend, reason)
+
+    def register(self, forced: str | None) -> None:
+        if self.lib is not None:
+            # Drops this registry's kernels (the dispatcher is back to the references). Private, but
+            # torch's own tests use it, and it is what a Library's finalizer runs (torch 2.1 to 2.14).
+            self.lib._destroy()
+            self.lib = None
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        choices = {}
+        for op in OPS:
+            for dev in devices():
+                try:
+                    backend, why = choose(op, dev, forced)
+                    fn = _kernel(op, backend, dev)
+                except BackendUnavailableError as exc:
+                    backend, why, fn = "error", str(exc), _unavailable(exc)
+                if fn is not None:
+                    lib.impl(op, fn, _DISPATCH_KEYS[dev])
+                choices[op, dev] = (backend, why)
+        self.lib, self.forced, self.choices = lib, forced, choices
+
+
+_REGISTRY = _Registry()
+
+
+class use_backend:  # noqa: N801  (used like a function, as torch.set_grad_enabled)
+    """Registers the kernels of backend ``name`` (None: the defaults; no argument: LIFT_BACKEND's
+    current value) for every op and device. As a context manager, restores the previous choice on exit."""
+
+    def __init__(self, name: str | None | object = _FROM_ENV):
+        forced = parse(os.environ.get("LIFT_BACKEND") if name is _FROM_ENV else name)
+        self.previous = _REGISTRY.forced
+        _REGISTRY.register(forced)
+
+    def __enter__(self) -> use_backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _REGISTRY.register(self.previous)
+
+
+def forced_backend() -> str | None:
+    """The backend forced now (by LIFT_BACKEND or use_backend), or None."""
+    return _REGISTRY.forced
+
+
+def chosen(op: str, device_type: str) -> tuple[str, str]:
+    """(backend, reason) registered now for ``op`` on ``device_type``; backend is "error" where a forced
+    backend cannot run (the reason says why)."""
+    return _REGISTRY.choices[op, device_type]

@@ -1,0 +1,78 @@
+"""The ``native`` backend: the compiled kernels of lift_kernels._C (C++ on CPU tensors, CUDA on GPU
+tensors), as functions with their ops' signatures (lift_kernels/ops/library.py).
+
+_C names each kernel ``<kernel>_<device>`` (csrc/ops.cpp); ``kernel(op, device)`` is the function
+lift_kernels.ops.backends registers for an op and a device, or None where _C has none.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from .library import _principal_weights_reference, check_principal_weights_args, draw_seed
+
+
+def _c_kernel(name: str, device_type: str) -> Callable | None:
+    return None if _ext.EXT is None else getattr(_ext.EXT, f"{name}_{device_type}", None)
+
+
+def _sparse_adamw_step(c_fn, params: list[Tensor], grads: list[Tensor], idxs: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], masters: list[Tensor | None] | None = None, *, step: int,
+                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    # masters=None is the empty list of the C++ kernel: no weight has a master copy
+    c_fn(params, grads, idxs, exp_avgs, exp_avg_sqs, [] if masters is None else masters, step, float(lr), beta1,
+         beta2, eps, weight_decay)
+
+
+def _principal_weights(c_fn, W: Tensor, k: int, lra_rank: int, svd: str = "fast", largest: bool = True,
+                       generator: torch.Generator | None = None) -> Tensor:
+    if svd == "exact":  # the exact selection is the reference's by definition
+        return _principal_weights_reference(W, k, lra_rank, svd, largest, generator)
+    check_principal_weights_args(W, k, lra_rank, svd)
+    seed = draw_seed(generator)
+    idx = c_fn(W if W.dim() == 3 else W.unsqueeze(0), k, lra_rank, largest, seed)
+    return idx if W.dim() == 3 else idx[0]
+
+
+# op -> (_C kernel name without the device suffix, adapter from the op's signature or None)
+_KERNELS: dict[str, tuple[str, Callable | None]] = {
+    "sparse_adamw_step": ("sparse_adamw_step", _sparse_adamw_step),
+    "remap_state": ("remap_state", None),
+    "principal_weights": ("principal_weights", _principal_weights),
+    "_principal_weights_seeded": ("principal_weights", None),
+    "_lowrank": ("lowrank", None),
+    "_topk_abs_product": ("topk_abs_product", None),
+}
+
+
+def implements(op: str) -> bool:
+    return op in _KERNELS
+
+
+def kernel(op: str, device_type: str) -> Callable | None:
+    """The kernel of ``op`` for ``device_type`` tensors, with the op's signature; None if _C has none."""
+    name, adapter = _KERNELS[op]
+    c_fn = _c_kernel(name, device_type)
+    if c_fn is None or adapter is None:
+        return c_fn
+    return functools.partial(adapter, c_fn)
+
+
+def why_not(op: str, device_type: str) -> str | None:
+    """None if _C can run ``op`` on ``device_type`` tensors, else why not."""
+    if _ext.EXT is None:
+        return _ext.EXT_ERROR or "lift_kernels._C is not built"
+    if kernel(op, device_type) is None:
+        built = [d for d in ("cpu", "cuda") if kernel(op, d) is not None]
+        return (f"lift_kernels._C has no {device_type} kernel for {op} "
+                f"({'it has one for ' + ' and '.join(built) + ' tensors only' if built else 'built without it'})")
+    return None
+
+
+def kernels() -> list[str]:
+    """"op:device" for every kernel of this build (for lk.info())."""
+    return [f"{op}:{dev}" for op in _KERNELS for dev in ("cpu", "cuda") if kernel(op, dev) is not None]
