@@ -18,7 +18,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import reference
-from ..reference.lowrank import fast_lowrank
+from ..reference.lowrank import fast_lowrank, work_dtype
+from ..reference.select import SVD_MODES
 
 NAMESPACE = "lift_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -74,8 +75,8 @@ def check_principal_weights_args(W: Tensor, k: int, lra_rank: int, svd: str) -> 
         raise ValueError(f"k must be in [0, m*n] = [0, {m * n}], got {k}")
     if not 1 <= lra_rank <= min(m, n):
         raise ValueError(f"lra_rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {lra_rank}")
-    if svd not in ("exact", "fast"):
-        raise ValueError(f"svd must be 'exact' or 'fast', got {svd!r}")
+    if svd not in SVD_MODES:
+        raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -126,10 +127,6 @@ _define("_principal_weights_seeded(Tensor W, int k, int lra_rank, bool largest, 
         _principal_weights_seeded_reference, _principal_weights_seeded_fake)
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _lowrank_reference(W, rank, seed, passes, oversample):
     L, R = fast_lowrank(W, rank, passes=passes, oversample=oversample, generator=_seeded(W, seed))
     return L.contiguous(), R.contiguous()  # the layout of the fake's (and the compiled kernels') factors
@@ -137,7 +134,7 @@ def _lowrank_reference(W, rank, seed, passes, oversample):
 
 def _lowrank_fake(W, rank, seed, passes, oversample):
     b, m, n = W.shape
-    dtype = _work_dtype(W.dtype)
+    dtype = work_dtype(W)
     return W.new_empty((b, m, rank), dtype=dtype), W.new_empty((b, rank, n), dtype=dtype)
 
 

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from .. import ops
 from ..reference import exact_lowrank, fast_lowrank, topk_flat_indices
+from ..reference.select import SVD_MODES
 from .cpu_threads import run_jobs
 
-SVD_MODES = ("exact", "fast")
 # Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
 # (at least one matrix) so a refresh never doubles the memory of the weights.
 SELECT_BUCKET_BYTES = 1 << 28

@@ -6,7 +6,7 @@ mask or dense moment: state is always the length-k vectors LIFT promises.
 """
 from .lowrank import exact_lowrank, fast_lowrank
 from .remap import remap_state
-from .select import principal_weights, select_indices, topk_flat_indices
+from .select import principal_weights, topk_flat_indices
 from .sparse_adamw import sparse_adamw_step
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "fast_lowrank",
     "principal_weights",
     "remap_state",
-    "select_indices",
     "sparse_adamw_step",
     "topk_flat_indices",
 ]

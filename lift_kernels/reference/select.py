@@ -1,4 +1,6 @@
-"""Which entries of a weight LIFT trains: principal weights and the paper's ablation selectors."""
+"""The reference of principal_weights, and the top-k of scores that every selector ends with.
+
+The ablation selectors (magnitude, random, gradient, movement) live in lift_kernels.optim.selection."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,6 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .lowrank import exact_lowrank, fast_lowrank
 
-SELECTORS = ("lift", "magnitude", "random", "gradient")
 SVD_MODES = ("exact", "fast")
 
 
@@ -52,29 +53,3 @@ def principal_weights(
     else:
         L, R = fast_lowrank(W, lra_rank, generator=generator)
     return topk_flat_indices((L @ R).abs_(), k, largest)
-
-
-def select_indices(
-    W: Tensor,
-    k: int,
-    *,
-    selector: str,
-    lra_rank: int,
-    svd: str,
-    largest: bool,
-    grad: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Indices for one weight (or a batch of same-shaped weights) under any selector."""
-    if selector == "lift":
-        return principal_weights(W, k, lra_rank, svd, largest, generator)
-    if selector == "magnitude":
-        return topk_flat_indices(W.abs(), k, largest)
-    if selector == "gradient":
-        if grad is None:
-            raise ValueError("selector='gradient' needs the dense gradient of the selecting step")
-        return topk_flat_indices(grad.abs(), k, largest)
-    if selector == "random":
-        scores = torch.rand(W.shape, generator=generator, device="cpu").to(W.device)
-        return topk_flat_indices(scores, k, True)
-    raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
