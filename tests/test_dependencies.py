@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lift_kernels"
 
 # Who may import what. A module's layer is the first rule whose prefix its name starts with.
 # The top-level package (lift_kernels/__init__.py) assembles the public API and may import anything.
-UPPER = ("lift_kernels.distributed", "lift_kernels.integrations", "lift_kernels.finetune",
-         "lift_kernels.toy_experiment")
+UPPER = ("lift_kernels.distributed", "lift_kernels.integrations")
+# The references are the bottom layer: the oracle the ops and kernels are tested against.
+BOTTOM = "lift_kernels.reference"
 
 
 def _forbidden(module: str) -> list[tuple[str, str]]:
@@ -26,6 +27,8 @@ def _forbidden(module: str) -> list[tuple[str, str]]:
                   "(it plugs into the optimizer as a strategy: optim/strategy.py)"))
     if not module.startswith("lift_kernels.optim"):
         rules.append(("lift_kernels.optim", "ops, reference and the kernels must not import the optimizer"))
+    if module.startswith(BOTTOM):
+        rules.append(("lift_kernels.ops", "the references must not import the ops they are the oracle of"))
     return rules
 
 
@@ -110,6 +113,7 @@ def test_the_check_finds_planted_violations(tmp_path):
         "ops.py": "import importlib\n\ndef f():\n    return importlib.import_module('lift_kernels.distributed.route')\n",
         "reference/__init__.py": "",
         "reference/select.py": "from ..optim import selection\n",
+        "reference/remap.py": "from ..ops import remap_state\n",
         "optim/__init__.py": "",
         "optim/fine.py": "from .strategy import LocalStrategy\nfrom ..reference import topk_flat_indices\n",
         "optim/lazy.py": "def later():\n    from ..distributed import placement\n    return placement\n",
@@ -126,7 +130,8 @@ def test_the_check_finds_planted_violations(tmp_path):
     located = {v.split(": ")[0] for v in found}
     assert located == {"lift_kernels/ops.py:4", "lift_kernels/reference/select.py:1", "lift_kernels/optim/lazy.py:2",
                        "lift_kernels/optim/by_alias.py:1", "lift_kernels/optim/by_package.py:2",
-                       "lift_kernels/optim/app.py:1", "lift_kernels/backend.py:1"}, found
+                       "lift_kernels/optim/app.py:1", "lift_kernels/backend.py:1",
+                       "lift_kernels/reference/remap.py:1"}, found
     assert any("optim/lazy.py:2: lift_kernels.optim.lazy imports lift_kernels.distributed.placement" in v
                for v in found)
     assert any("the library must not import the app" in v for v in found)
