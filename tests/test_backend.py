@@ -6,15 +6,15 @@ import torch
 
 import lift_kernels as lk
 from lift_kernels import _ext, ops
-from lift_kernels.ops import native
+from lift_kernels.ops import backends, library, native
 from lift_kernels.ops.backends import BackendUnavailableError, use_backend
 
 needs_ext = pytest.mark.skipif(_ext.EXT is None, reason=f"extension not built: {_ext.EXT_ERROR}")
 
 
 def _has_cpu_kernel(op: str) -> bool:
-    """Whether the dispatcher holds a backend's kernel for CPU tensors (else the reference runs)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lift_kernels::{op}", "CPU")
+    """Whether a backend's kernel runs for CPU tensors (else the op's reference does)."""
+    return backends._REGISTRY.kernels[op, "cpu"] is not library.OPS[op]
 
 
 @contextlib.contextmanager
@@ -50,6 +50,20 @@ def test_default_without_the_extension_says_native_was_skipped_and_why(monkeypat
         (out,) = lk.remap_state(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([2, 3], dtype=torch.int32),
                                 [torch.tensor([5.0, 6.0])])
         assert out.tolist() == [6.0, 0.0]
+
+
+def test_the_dispatcher_runs_the_kernel_chosen_now(monkeypatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return library.OPS["remap_state"](*args)
+
+    monkeypatch.setitem(backends._REGISTRY.kernels, ("remap_state", "cpu"), spy)
+    (out,) = lk.remap_state(torch.tensor([1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                            [torch.tensor([7.0])])
+    assert len(calls) == 1 and out.tolist() == [7.0]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lift_kernels::remap_state", "CPU")
 
 
 def test_forced_reference_backend_is_registered_and_restored():

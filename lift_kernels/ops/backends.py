@@ -123,32 +123,39 @@ def _unavailable(error: BackendUnavailableError) -> Callable:
 
 
 class _Registry:
-    """The current torch.library registrations of the backends' kernels, and why each was chosen."""
+    """The kernel chosen for each (op, device), and why; torch.library dispatches to it.
+
+    Each (op, device key) gets one registered kernel, once, that calls the kernel chosen now: a
+    re-registration only swaps entries of ``kernels`` (torch.library has no public way to drop a
+    registration, and overriding one makes the dispatcher warn)."""
 
     def __init__(self):
         self.lib: torch.library.Library | None = None
         self.forced: str | None = None
+        self.kernels: dict[tuple[str, str], Callable] = {}  # (op, device) -> what runs there now
         self.choices: dict[tuple[str, str], tuple[str, str]] = {}  # (op, device) -> (backend, reason)
 
     def register(self, forced: str | None) -> None:
-        if self.lib is not None:
-            # Drops this registry's kernels (the dispatcher is back to the references). Private, but
-            # torch's own tests use it, and it is what a Library's finalizer runs (torch 2.1 to 2.14).
-            self.lib._destroy()
-            self.lib = None
-        lib = torch.library.Library(NAMESPACE, "IMPL")
-        choices = {}
-        for op in OPS:
+        kernels, choices = {}, {}
+        for op, reference_kernel in OPS.items():
             for dev in devices():
                 try:
                     backend, why = choose(op, dev, forced)
-                    fn = _kernel(op, backend, dev)
+                    fn = _kernel(op, backend, dev) or reference_kernel
                 except BackendUnavailableError as exc:
                     backend, why, fn = "error", str(exc), _unavailable(exc)
-                if fn is not None:
-                    lib.impl(op, fn, _DISPATCH_KEYS[dev])
-                choices[op, dev] = (backend, why)
-        self.lib, self.forced, self.choices = lib, forced, choices
+                kernels[op, dev], choices[op, dev] = fn, (backend, why)
+        self.kernels, self.forced, self.choices = kernels, forced, choices
+        if self.lib is None:
+            self.lib = torch.library.Library(NAMESPACE, "IMPL")
+            for op, dev in kernels:
+                self.lib.impl(op, self._dispatcher(op, dev), _DISPATCH_KEYS[dev])
+
+    def _dispatcher(self, op: str, dev: str) -> Callable:
+        def kernel(*args, **kwargs):
+            return self.kernels[op, dev](*args, **kwargs)
+        kernel.__name__ = f"{op}_{dev}"
+        return kernel
 
 
 _REGISTRY = _Registry()
