@@ -38,6 +38,7 @@ from bench_utils import (DTYPES, cpu_threads, environment, parser, peak_extra_by
 
 import lift_kernels as lk
 from lift_kernels import reference
+from lift_kernels.optim import selection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import smollm2  # noqa: E402  (tests/smollm2.py: the SmolLM2 loader shared with the accuracy test)
@@ -56,8 +57,7 @@ def buckets(cfg: dict, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def budget(shape, rank: int) -> int:
-    m, n = shape[-2:]
-    return min((m + n) * rank, m * n)
+    return selection.budget(tuple(shape[-2:]), rank, None)  # LIFTAdamW's own rule
 
 
 def lift_select(W: torch.Tensor, k: int, r: int, generator=None) -> torch.Tensor:

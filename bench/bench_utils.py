@@ -75,8 +75,9 @@ def weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, int]]]:
 
 def selected_indices(W: torch.Tensor, rank: int) -> torch.Tensor:
     """Sorted int32 flat indices of the k = (m+n)*rank largest |W| (the selection from the weights)."""
-    m, n = W.shape
-    k = min((m + n) * rank, m * n)
+    from lift_kernels.optim.selection import budget  # LIFTAdamW's own rule
+
+    k = budget(tuple(W.shape), rank, None)
     return W.view(-1).abs().float().topk(k, sorted=False).indices.sort().values.to(torch.int32)
 
 

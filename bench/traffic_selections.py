@@ -35,7 +35,9 @@ Selection = list[tuple[str, np.ndarray, int]]  # (weight name, sorted int32 idx,
 
 
 def budget(m: int, n: int, rank: int) -> int:
-    return min((m + n) * rank, m * n)
+    from lift_kernels.optim.selection import budget as lift_budget  # LIFTAdamW's own rule
+
+    return lift_budget((m, n), rank, None)
 
 
 def smollm2_weights() -> dict[str, torch.Tensor]:
