@@ -88,7 +88,7 @@ def plan(cfg: dict) -> list[tuple]:
 
 def settings(flags: list[str]) -> dict:
     """lift-finetune's parsed settings for ``flags`` (defaults filled in), to compare two runs' flags."""
-    from lift_kernels.finetune import cli
+    from lift_finetune import cli
 
     parsed = vars(cli.parse([*flags, "--output-dir", "-"]))
     if parsed["method"] != "lift":
