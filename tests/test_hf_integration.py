@@ -136,8 +136,11 @@ def test_plain_trainer_clips_like_lift_trainer(tmp_path, sparse):
     assert min(ref_norms) > 0.05, "clipping must be exercised"
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert losses == pytest.approx(ref_losses, rel=1e-6)
+    # The two norms are summed in different orders (torch's foreach norms vs LIFTAdamW's), so the clip
+    # coefficients differ in the last bits; Adam divides by sqrt(v) + eps, which magnifies that in
+    # entries whose v is tiny (seen: 1.2e-6 absolute on one of 512 entries with transformers 4.57).
     for p, q in zip(model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-6)
 
 
 def test_accelerate_clip_in_sparse_mode_equals_opt_clip():

@@ -24,16 +24,24 @@ def _lift_optimizer(optimizer) -> LIFTAdamW | None:
 
 
 class LIFTTrainer(Trainer):
-    """A Trainer whose gradient clipping and norm logging cover LIFTAdamW's gathered gradients."""
+    """A Trainer whose gradient clipping and norm logging cover LIFTAdamW's gathered gradients.
 
-    def _clip_grad_norm(self, model):
-        opt = _lift_optimizer(self.optimizer)
-        if opt is None:
-            return super()._clip_grad_norm(model)
-        return opt.clip_grad_norm_(self.args.max_grad_norm)
+    Every transformers release from 4.57 clips (and, in 5.x, measures the logged norm) through
+    ``self.accelerator.clip_grad_norm_``, inline in the loop (4.x) or in ``_clip_grad_norm`` /
+    ``_get_grad_norm`` (5.x); wrapping that one call covers both.
+    """
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        opt = _lift_optimizer(self.optimizer)
-        if opt is None or grad_norm is not None:
-            return super()._get_grad_norm(model, grad_norm=grad_norm)
-        return opt.clip_grad_norm_(float("inf"))
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        accelerate_clip = self.accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, norm_type=2):
+            opt = _lift_optimizer(self.optimizer)
+            if opt is None:
+                return accelerate_clip(parameters, max_norm, norm_type)
+            # The Trainer passes model.parameters(): the optimizer's own parameters, which its
+            # clip_grad_norm_ covers (selected entries of LIFT weights, all of the others).
+            self.accelerator.unscale_gradients()  # fp16: what accelerate does before clipping
+            return opt.clip_grad_norm_(max_norm, norm_type)
+
+        self.accelerator.clip_grad_norm_ = clip_grad_norm_
