@@ -104,7 +104,10 @@ def reusable(path: str, flags: list[str], cfg: dict) -> dict | None:
         run = json.load(f)
     # 7.1 scored problems 0-59 as validation and 60-359 as test, with the same generation length.
     with open(os.path.join(os.path.dirname(os.path.dirname(path)), "forgetting.json")) as f:
-        scale = json.load(f)["scale"]
+        study = json.load(f)
+    scale = study["scale"]
+    if study["environment"]["device"] != environment(default_device())["device"]:
+        return None  # runs from another device (bf16, randomized SVD on an accelerator) are not pooled
     same_scoring = (scale["val"] == cfg["test_from"] and scale["test"] == cfg["test"]
                     and scale["new_tokens"] == cfg["new_tokens"] and len(run["test_correct"]) == cfg["test"])
     if not same_scoring or settings(run["flags"]) != settings(flags):
@@ -300,7 +303,7 @@ def best_in_row(groups: dict, replicates: int = 2000, seed: int = 0) -> dict:
         means = {}
         for name, per_seed in groups.items():
             seeds = [rng.randrange(len(per_seed)) for _ in range(len(per_seed))]
-            means[name] = sum(sum(c * x for c, x in zip(counts, per_seed[s])) for s in seeds)
+            means[name] = sum(sum(c * x for c, x in zip(counts, per_seed[s])) for s in seeds) / len(seeds)
         top = max(means.values())
         winners = [k for k, v in means.items() if v == top]
         for k in winners:
@@ -335,7 +338,9 @@ def table(summary: dict, cfg: dict) -> str:
             lines.append(f"| {c['rank']} | {c['lra_rank']} | | 0 | not run | | | | |")
             continue
         m, lo, hi = c["acc_t"]
-        src = "7.1 study (reused)" if all(c["reused_from"]) else "this study"
+        reused = [sd for sd, r in zip(c["seeds"], c["reused_from"]) if r]
+        src = ("7.1 study (reused)" if len(reused) == len(c["seeds"]) else "this study" if not reused else
+               "seeds " + ",".join(map(str, reused)) + ": 7.1 study (reused); others: this study")
         lines.append(f"| {c['rank']} | {c['lra_rank']} | {c['trainable']:,} | {len(c['seeds'])} | "
                      + ", ".join(f"{a:.3f}" for a in c["test_accuracy"])
                      + f" | {m:.3f} [{lo:.3f}, {hi:.3f}] | [{c['acc_boot'][0]:.3f}, {c['acc_boot'][1]:.3f}] | "
