@@ -32,68 +32,61 @@ RUNS = {
 
 
 def run(name: str) -> dict[str, list]:
-    """Loss of each step, and the parameters and LIFT state after the last step, of run ``name`` (CPU)."""
-    import lift_kernels as lk
-
-    kwargs, dtype, forced, clip, resume_at = RUNS[name]
-    old_env, old_threads = os.environ.get("LIFT_BACKEND"), torch.get_num_threads()
-    os.environ.pop("LIFT_BACKEND", None)
-    if forced:
-        os.environ["LIFT_BACKEND"] = forced
-    _clear_backend_cache()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = copy.deepcopy(TinyMLP()).to(dtype)
-
-        def make_opt():
-            groups = [
-                {"params": [model.up.weight], "lift": True, "lr": 2e-2},
-                {"params": [model.down.weight], "lift": True, "lr": 5e-3, "weight_decay": 0.0},
-                {"params": [model.up.bias, *model.norm.parameters()], "lift": False},
-            ]
-            opt = lk.LIFTAdamW(groups, rank=2, lra_rank=3, update_interval=3, weight_decay=0.05, **kwargs)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
-            return opt, sched
-
-        opt, sched = make_opt()
-        g = torch.Generator().manual_seed(1)
-        out = {"loss": [], "params": [], "state": []}
-        for step in range(1, STEPS + 1):
-            if resume_at is not None and step == resume_at:
-                saved, saved_sched = copy.deepcopy(opt.state_dict()), sched.state_dict()
-                opt.zero_grad()
-                opt, sched = make_opt()
-                opt.load_state_dict(saved)
-                sched.load_state_dict(saved_sched)
-            x, y = (t.to(dtype) for t in make_batch(generator=g))
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            if clip is not None:
-                opt.clip_grad_norm_(clip)
-            opt.step()
-            sched.step()
-            out["loss"].append(loss.detach().float().clone())
-        # the losses show where a run first departs; the end state holds every bit of the rest
-        out["params"] = [p.detach().clone() for p in model.parameters()]
-        out["state"] = [{k: v.clone() for k, v in sorted(opt.state[p].items())
-                         if k in ("idx", "exp_avg", "exp_avg_sq", "master")}
-                        for p in (model.up.weight, model.down.weight)]
-        return out
-    finally:
-        torch.set_num_threads(old_threads)
-        os.environ.pop("LIFT_BACKEND", None)
-        if old_env is not None:
-            os.environ["LIFT_BACKEND"] = old_env
-        _clear_backend_cache()
-
-
-def _clear_backend_cache() -> None:
-    """Start each run from the backend choice of the environment just set (LIFT_BACKEND)."""
+    """Loss of each step, and the parameters and LIFT state after the last step, of run ``name`` (CPU),
+    on the backend the run names (None: the defaults, whatever LIFT_BACKEND says)."""
     from lift_kernels.ops import use_backend
 
-    use_backend()
+    kwargs, dtype, forced, clip, resume_at = RUNS[name]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with use_backend(forced):
+            return _train(kwargs, dtype, clip, resume_at)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(kwargs: dict, dtype: torch.dtype, clip: float | None, resume_at: int | None) -> dict[str, list]:
+    import lift_kernels as lk
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(TinyMLP()).to(dtype)
+
+    def make_opt():
+        groups = [
+            {"params": [model.up.weight], "lift": True, "lr": 2e-2},
+            {"params": [model.down.weight], "lift": True, "lr": 5e-3, "weight_decay": 0.0},
+            {"params": [model.up.bias, *model.norm.parameters()], "lift": False},
+        ]
+        opt = lk.LIFTAdamW(groups, rank=2, lra_rank=3, update_interval=3, weight_decay=0.05, **kwargs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.8**s, lambda s: 1.0 + s, lambda s: 1.0])
+        return opt, sched
+
+    opt, sched = make_opt()
+    g = torch.Generator().manual_seed(1)
+    out = {"loss": [], "params": [], "state": []}
+    for step in range(1, STEPS + 1):
+        if resume_at is not None and step == resume_at:
+            saved, saved_sched = copy.deepcopy(opt.state_dict()), sched.state_dict()
+            opt.zero_grad()
+            opt, sched = make_opt()
+            opt.load_state_dict(saved)
+            sched.load_state_dict(saved_sched)
+        x, y = (t.to(dtype) for t in make_batch(generator=g))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if clip is not None:
+            opt.clip_grad_norm_(clip)
+        opt.step()
+        sched.step()
+        out["loss"].append(loss.detach().float().clone())
+    # the losses show where a run first departs; the end state holds every bit of the rest
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["state"] = [{k: v.clone() for k, v in sorted(opt.state[p].items())
+                     if k in ("idx", "exp_avg", "exp_avg_sq", "master")}
+                    for p in (model.up.weight, model.down.weight)]
+    return out
 
 
 if __name__ == "__main__":

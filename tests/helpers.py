@@ -41,12 +41,11 @@ def selected_mask(p, opt) -> torch.Tensor:
 TRAJECTORY_STEPS = 14  # refreshes at steps 3, 6, 9, 12
 
 
-def backend_trajectory(model, monkeypatch, forced: str | None, device="cpu", dtype=torch.float32,
+def backend_trajectory(model, forced: str | None, device="cpu", dtype=torch.float32,
                        steps: int = TRAJECTORY_STEPS):
     """``steps`` steps of LIFTAdamW with backend ``forced`` (lift_kernels.ops.use_backend; None: the
-    default choice; ``monkeypatch`` is unused, kept for callers) on a copy of
-    ``model``, two LIFT groups with their own lr and a scheduler, refreshes every 3 steps; returns
-    the parameters after each step. svd="exact": the selection is the reference's under every
+    default choice) on a copy of ``model``, two LIFT groups with their own lr and a scheduler,
+    refreshes every 3 steps; returns the parameters after each step. svd="exact": the selection is the reference's under every
     backend, so differences come from the step and the remap."""
     import copy
 

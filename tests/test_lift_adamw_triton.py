@@ -22,8 +22,8 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
-def _train(model, backend_name, monkeypatch, dtype=torch.float32):
-    return backend_trajectory(model, monkeypatch, backend_name, DEVICE, dtype, steps=STEPS)
+def _train(model, backend_name, dtype=torch.float32):
+    return backend_trajectory(model, backend_name, DEVICE, dtype, steps=STEPS)
 
 
 def test_trajectory_with_refreshes_and_per_group_schedule_matches_reference(monkeypatch):
@@ -33,8 +33,8 @@ def test_trajectory_with_refreshes_and_per_group_schedule_matches_reference(monk
     with monkeypatch.context() as patch:
         patch.setattr(load_kernel_module("sparse_adamw_step"), "_sparse_adamw_kernel", step_kernel)
         patch.setattr(load_kernel_module("remap_state"), "_remap_kernel", remap_kernel)
-        got = _train(model, "triton", monkeypatch)
-    want = _train(model, "reference", monkeypatch)
+        got = _train(model, "triton")
+    want = _train(model, "reference")
     assert step_kernel.launches == 2 * STEPS  # one launch per LIFT group and step
     assert remap_kernel.launches == 2 * 4  # each weight at each of the four refreshes
     for step, (g, w) in enumerate(zip(got, want), start=1):
@@ -45,9 +45,9 @@ def test_trajectory_with_refreshes_and_per_group_schedule_matches_reference(monk
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_half_precision_weights_train_like_reference(monkeypatch, dtype):
+def test_half_precision_weights_train_like_reference(dtype):
     model = TinyMLP()
-    got, want = _train(model, "triton", monkeypatch, dtype), _train(model, "reference", monkeypatch, dtype)
+    got, want = _train(model, "triton", dtype), _train(model, "reference", dtype)
     for a, b in zip(got[-1], want[-1]):
         # the same arithmetic rounded the same way; a rare one-ulp rounding flip is allowed
         torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)

@@ -82,14 +82,14 @@ def test_opcheck(backend, op, sample, utils):
 
 
 @pytest.mark.parametrize("forced", ["native", "triton"])
-def test_training_under_each_forced_backend_follows_the_reference(monkeypatch, forced):
+def test_training_under_each_forced_backend_follows_the_reference(forced):
     """Seven steps (refreshes at 3 and 6) under LIFT_BACKEND=forced against the reference's."""
     with use_backend(forced):
         if ops.chosen("sparse_adamw_step", "cpu")[0] == "error":
             pytest.skip(ops.chosen("sparse_adamw_step", "cpu")[1])
     model = TinyMLP()
-    got = backend_trajectory(model, monkeypatch, forced, steps=7)
-    want = backend_trajectory(model, monkeypatch, "reference", steps=7)
+    got = backend_trajectory(model, forced, steps=7)
+    want = backend_trajectory(model, "reference", steps=7)
     for step, (g, w) in enumerate(zip(got, want), start=1):
         for a, b in zip(g, w):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"step {step}: {m}")
@@ -99,4 +99,4 @@ def test_training_under_each_forced_backend_follows_the_reference(monkeypatch, f
 def test_a_forced_backend_that_cannot_run_fails_the_training_step(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="LIFT_BACKEND=triton was forced but cannot run"):
-        backend_trajectory(TinyMLP(), monkeypatch, "triton", steps=1)
+        backend_trajectory(TinyMLP(), "triton", steps=1)
