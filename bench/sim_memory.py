@@ -46,6 +46,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lift_kernels as lk
 
+from lift_kernels.optim import applied_grad
 from lift_kernels.optim.gathered_grad import GatheredGrad
 from lift_kernels.reference.lowrank import DEFAULT_OVERSAMPLE, DEFAULT_PASSES
 
@@ -132,32 +133,32 @@ class SelectionAwareTracker(MemTracker):
 
         The hooks run in backward, where MemTracker calls every new tensor a temporary; there LIFTAdamW
         selects (state, and the selection's temporaries, as MemTracker counts step()'s) and gathers.
-        Its two per-weight hook methods are wrapped to switch MemTracker to optimizer labelling while
+        The two functions its hooks call (applied_grad.py) are wrapped to switch MemTracker to optimizer labelling while
         they run; after the post-accumulate one, the weight's gathered gradient (p.grad, a GatheredGrad
         holding k fp32 values, or the optimizer's buffer for sharded weights) is relabelled."""
-        before, after = opt._before_accumulate, opt._after_accumulate
+        before, after = applied_grad.before_accumulate, applied_grad.after_accumulate
 
-        def labelled(method):
-            def run(p: torch.Tensor) -> None:
-                self._in_opt = True
+        def labelled(fn):
+            def run(o, p: torch.Tensor) -> None:
+                self._in_opt = o is opt
                 try:
-                    method(p)
+                    fn(o, p)
                 finally:
                     self._in_opt = False
             return run
 
-        def after_and_relabel(p: torch.Tensor) -> None:
-            labelled(after)(p)
-            g = p.grad if p.grad is not None else opt._sparse_grads.get(p)
-            if g is not None:
+        def after_and_relabel(o, p: torch.Tensor) -> None:
+            labelled(after)(o, p)
+            g = p.grad if p.grad is not None else o._sparse_grads.get(p)
+            if o is opt and g is not None:
                 self._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
 
-        opt._before_accumulate, opt._after_accumulate = labelled(before), after_and_relabel
-        self._lift_opt, self._lift_methods = opt, (before, after)
+        applied_grad.before_accumulate, applied_grad.after_accumulate = labelled(before), after_and_relabel
+        self._lift_opt, self._lift_hooks = opt, (before, after)
 
     def __exit__(self, *args):
         if getattr(self, "_lift_opt", None) is not None:
-            del self._lift_opt._before_accumulate, self._lift_opt._after_accumulate  # the class's methods again
+            applied_grad.before_accumulate, applied_grad.after_accumulate = self._lift_hooks  # as they were
             self._lift_opt = None
         return super().__exit__(*args)
 

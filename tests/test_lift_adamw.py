@@ -106,7 +106,7 @@ def test_selection_happens_before_step_1_and_every_interval(monkeypatch):
     real = ops.principal_weights
 
     def spy(W, *args, **kwargs):
-        calls.append(opt.state[model.up.weight]["step"] + 1)  # the step this selection serves
+        calls.append(opt.state[model.up.weight].get("step", 0) + 1)  # the step this selection serves
         return real(W, *args, **kwargs)
 
     monkeypatch.setattr(ops, "principal_weights", spy)

@@ -7,7 +7,7 @@
   the optimizer's own selectors (sharded_select.py); gradient norms and finiteness flags reduced
   over the shards' groups (grad_norm.py).
 
-Importing lift_kernels.distributed registers ``distributed_strategy`` with the optimizer.
+lift_kernels.distributed.optimizer builds the public LIFTAdamW on this strategy.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim.selection import Chunk
-from ..optim.strategy import LocalStrategy, check_selection_group, register_strategy
+from ..optim.strategy import LocalStrategy
 from .broadcast_selection import broadcast_indices
 from .grad_norm import shard_group, sharded_total_norm
 from .placement import is_dtensor, local_tensor, replica_group, row_shard
@@ -28,8 +28,7 @@ class DistributedStrategy(LocalStrategy):
     """Decides at each call from the weights and the state of torch.distributed, so one optimizer
     works before and after init_process_group, and on plain and DTensor weights."""
 
-    def __init__(self, selection_group="world"):
-        self.selection_group = selection_group
+    process_groups = (dist.ProcessGroup,) if dist.is_available() else ()
 
     def local(self, t: Tensor) -> Tensor:
         return local_tensor(t)
@@ -63,11 +62,3 @@ class DistributedStrategy(LocalStrategy):
         if any(is_dtensor(p) for p in params):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag)
-
-
-def distributed_strategy(selection_group) -> DistributedStrategy:
-    check_selection_group(selection_group, (dist.ProcessGroup,) if dist.is_available() else ())
-    return DistributedStrategy(selection_group)
-
-
-register_strategy(distributed_strategy)

@@ -16,16 +16,37 @@ from torch import Tensor
 from .validation import check_hyperparameters
 
 _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
+# The group options every LIFTAdamW checkpoint has (older ones lack torch.optim.AdamW's maximize,
+# foreach, ...: those load as this optimizer's values).
+LIFT_OPTIONS = ("lr", "betas", "eps", "weight_decay", "rank", "density", "lra_rank", "update_interval",
+                "selector", "svd", "largest", "lift", "master_weights")
 
 
 def load_lift_state_dict(opt, state_dict: dict, torch_load: Callable[[dict], None]) -> None:
-    """torch's Optimizer.load_state_dict casts floating state to each parameter's dtype (and would
-    turn int32 indices into floats); LIFT state is restored with its own dtypes instead."""
+    """Load ``state_dict`` into LIFTAdamW ``opt`` as torch.optim's load_state_dict does, in its order
+    (pre-hooks, then the load, then post-hooks), with two differences: the checkpoint the pre-hooks
+    return is checked whole before anything changes, and LIFT state keeps its own dtypes (torch's
+    ``torch_load`` casts floating state to each parameter's dtype and would turn int32 indices into
+    floats), restored before the post-hooks see it."""
+    state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
     lift_entries = check_state_dict(opt, state_dict)
-    torch_load(state_dict)  # loads the groups' hyperparameters and the dense state
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = {}, {}
+    try:  # torch's load of the groups' hyperparameters and the dense state, its hooks run here instead
+        torch_load(state_dict)
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = pre, post
     for p, s in lift_entries:
         opt.state[p] = {key: (v.to(p.device) if isinstance(v, Tensor) else copy.copy(v))
                         for key, v in s.items()}
+    opt.selection_seed = state_dict["lift_seed"]
+    opt.skipped_steps = int(state_dict.get("lift_skipped_steps", 0))
+    for hook in post.values():
+        hook(opt)
 
 
 def check_state_dict(opt, state_dict: dict) -> list[tuple[Tensor, dict]]:
@@ -42,7 +63,7 @@ def check_state_dict(opt, state_dict: dict) -> list[tuple[Tensor, dict]]:
                          f"{len(opt.param_groups)}; build the optimizer as the saved run did")
     lift_entries = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        missing = [k for k in opt.defaults if k not in saved]
+        missing = [k for k in LIFT_OPTIONS if k not in saved]
         if missing:
             raise ValueError(f"not a LIFTAdamW state dict: param_groups[{gi}] lacks {missing} (a "
                              "torch.optim.AdamW checkpoint?); load a checkpoint written by LIFTAdamW.state_dict()")

@@ -1,7 +1,8 @@
 """The autograd hooks of LIFTAdamW on its LIFT weights, holding the optimizer weakly.
 
 Each LIFT weight gets a hook before gradient accumulation (select if due; drop a cleared gathered
-gradient of an older selection) and one after it (gather or mask the accumulated gradient). The hooks
+gradient of an older selection) and one after it (gather or mask the accumulated gradient); what
+they do is applied_grad.py's. The hooks
 reach the optimizer through a weak reference and are removed when it is garbage-collected, so a
 deleted optimizer neither stays alive nor keeps acting on gradients. Only the newest LIFTAdamW built
 on a weight acts on it (a notebook cell run twice, a retry after an exception): the hooks of an
@@ -13,6 +14,8 @@ import weakref
 
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from . import applied_grad
 
 # LIFT weight -> weak reference to the LIFTAdamW whose hooks act on it (the newest one built on it).
 _OWNER = WeakTensorKeyDictionary()
@@ -30,8 +33,8 @@ def claim(opt, p: Tensor) -> None:
 
 
 def install(opt, p: Tensor, handles: list) -> None:
-    """Hook ``p`` for ``opt``: ``opt._before_accumulate(p)`` and ``opt._after_accumulate(p)``; they
-    act once ``claim(opt, p)`` has been called."""
+    """Hook ``p`` for ``opt``: applied_grad's ``before_accumulate(opt, p)`` and
+    ``after_accumulate(opt, p)``; they act once ``claim(opt, p)`` has been called."""
     opt_ref, p_ref = weakref.ref(opt), weakref.ref(p)
 
     def acting():
@@ -41,12 +44,12 @@ def install(opt, p: Tensor, handles: list) -> None:
     def before(grad: Tensor) -> None:
         o, q = acting()
         if o is not None:
-            o._before_accumulate(q)
+            applied_grad.before_accumulate(o, q)
 
     def after(q: Tensor) -> None:
         o, _ = acting()
         if o is not None:
-            o._after_accumulate(q)
+            applied_grad.after_accumulate(o, q)
 
     handles.append(p.register_hook(before))
     handles.append(p.register_post_accumulate_grad_hook(after))

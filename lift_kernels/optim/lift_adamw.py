@@ -10,12 +10,20 @@ from torch.optim.adamw import adamw as dense_adamw
 
 from .. import ops
 from . import grad_hooks
+from .applied_grad import applied_grad, has_grad
 from .checkpoint import load_lift_state_dict
-from .gathered_grad import GatheredGrad
 from .selection import needs_grad, needs_selection, refresh
-from .strategy import make_strategy
-from .validation import (check_finite_weights, check_hyperparameters, check_lift_param, check_seed,
-                         check_unchanged_shape)
+from .state import init_dense_state, install_selection, uses_master
+from .strategy import LocalStrategy
+from .validation import (check_finite_weights, check_flag, check_hyperparameters, check_lift_param,
+                         check_seed, check_step_dtypes, check_unchanged_shape)
+
+# Runs outside torch.compile's graphs (eagerly, never traced). torch.optim's own decorator imports
+# dynamo at the first call; torch.compiler.disable would import it with lift_kernels.
+host_side = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+# What a copy or pickle of the optimizer carries beyond torch's defaults, state and param_groups.
+_CONFIG = ("selection_seed", "selection_group", "sparse_grad", "skip_nonfinite", "skipped_steps")
 
 
 class LIFTAdamW(torch.optim.Optimizer):
@@ -23,18 +31,23 @@ class LIFTAdamW(torch.optim.Optimizer):
 
     A LIFT weight keeps in its state the sorted int32 flat indices ``idx`` of its k selected entries
     and length-k fp32 moments ``exp_avg``/``exp_avg_sq`` (and ``master``, the fp32 values of those
-    entries, for half-precision weights); nothing of size m*n. Restricted to those entries, a step
-    is exactly torch.optim.AdamW's. The selection is made before step 1 and re-made before every
-    step t with ``t % update_interval == 0``; entries selected before and after keep their moments,
-    new ones start at zero, and bias correction keeps the global step t.
+    entries, for half-precision weights); nothing of size m*n (state.py describes every field).
+    Restricted to those entries, a step is exactly torch.optim.AdamW's. The selection is made
+    before step 1 and re-made before every step t with ``t % update_interval == 0``; entries
+    selected before and after keep their moments, new ones start at zero, and bias correction keeps
+    the global step t.
 
     Group options (each may be set per group): ``lift`` (True: every tensor is a LIFT weight and
     must be 2-D; False: dense AdamW; None, the default: 2-D tensors are LIFT weights), ``rank``
     (budget k = min((m+n)*rank, m*n), as LoRA of that rank), ``density`` (k = round(density*m*n),
     overrides rank), ``lra_rank`` (rank of the low-rank filter), ``update_interval``, ``selector``
-    ("lift", or the ablations "magnitude", "random", "gradient", "movement": selection.py), ``svd`` ("fast" or "exact"),
-    ``largest`` (False selects the smallest entries) and ``master_weights`` (None: fp32 masters of
-    the selected entries for bf16/fp16 weights, so small updates are not rounded away).
+    ("lift", or the ablations "magnitude", "random", "gradient", "movement": selection.py), ``svd``
+    ("fast" or "exact"), ``largest`` (False selects the smallest entries), ``master_weights`` (None:
+    fp32 masters of the selected entries for bf16/fp16 weights, so small updates are not rounded
+    away), and torch.optim.AdamW's ``lr``, ``betas`` (floats or one-element tensors), ``eps``,
+    ``weight_decay`` and ``maximize``. ``foreach`` and ``fused`` choose the implementation of the
+    dense AdamW part as in torch.optim.AdamW (LIFT weights always step with one fused kernel per
+    bucket). ``amsgrad``, ``capturable`` and ``differentiable`` are accepted only as False.
 
     ``sparse_grad=True`` gathers each LIFT weight's gradient at its selected entries in a
     post-accumulate-grad hook and frees the dense gradient at once, so a backward pass holds about
@@ -42,23 +55,27 @@ class LIFTAdamW(torch.optim.Optimizer):
     :class:`GatheredGrad` of the weight's shape holding k fp32 values), so torch's
     ``clip_grad_norm_``, GradScaler and ``zero_grad`` act on it, and micro-batches accumulate into
     it (same trajectory as dense mode). In dense mode the same hook zeroes the gradient outside the
-    selection, so torch's tools see in both modes the gradient the step applies. A step whose
-    selector scores the dense gradient ("gradient", "movement") keeps it whole when it selects.
-    ``seed`` seeds the randomized SVD and the random selector per (seed, weight, step), so a resumed
-    run makes the same selections. ``skip_nonfinite=True`` skips (changing nothing, not counting it)
-    a step whose applied gradient has a NaN or inf, and counts it in ``skipped_steps``.
+    selection, so torch's tools see in both modes the gradient the step applies (applied_grad.py).
+    A step whose selector scores the dense gradient ("gradient", "movement") keeps it whole when it
+    selects. ``seed`` seeds the randomized SVD and the random selector per (seed, weight, step), so
+    a resumed run makes the same selections. ``skip_nonfinite=True`` skips (changing nothing, not
+    counting it) a step whose applied gradient has a NaN or inf, and counts it in ``skipped_steps``.
 
-    Multi-process runs (README, "Multi-GPU training"): weights that every rank holds whole (DDP) are selected
-    on the first rank of ``selection_group`` ("world": the default group once torch.distributed is
+    Copies and pickles (``copy.deepcopy``, ``pickle``, torch.multiprocessing) carry every option and
+    the state, and the copy hooks its own weights. ``torch.compile(opt.step)`` compiles the dense
+    part; the LIFT part (selection decisions on the host, one fused kernel per bucket) runs outside
+    the graph, so steps and refreshes never recompile it.
+
+    Multi-process runs (README, "Multi-GPU training"): this class selects in one process
+    (``Strategy = LocalStrategy``); ``lk.LIFTAdamW`` (lift_kernels.distributed) is this optimizer
+    on the multi-process strategy: weights that every rank holds whole (DDP) are selected on the
+    first rank of ``selection_group`` ("world": the default group once torch.distributed is
     initialized; None: each rank selects alone) and broadcast; DTensor weights sharded on rows
     (FSDP2) are selected collectively, and their state (``idx`` as flat indices into the local
-    shard) covers this rank's rows only. The optimizer reaches processes only through its strategy
-    (strategy.py), which lift_kernels.distributed provides.
-
-    ``state[p]`` of a LIFT weight holds ``step`` (an int), ``shape``, ``idx``, ``exp_avg``,
-    ``exp_avg_sq``, ``master`` (when used) and ``selected_at`` (the step its selection was made
-    for); that of a dense parameter is torch.optim.AdamW's (``step`` a tensor, dense moments).
+    shard) covers this rank's rows only.
     """
+
+    Strategy = LocalStrategy
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -66,29 +83,65 @@ class LIFTAdamW(torch.optim.Optimizer):
                  update_interval: int = 400, selector: str = "lift", svd: str = "fast",
                  largest: bool = True, seed: int = 0, sparse_grad: bool = False,
                  master_weights: bool | None = None, selection_group="world",
-                 skip_nonfinite: bool = False):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                 skip_nonfinite: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, amsgrad: bool = False, capturable: bool = False,
+                 differentiable: bool = False):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused, rank=rank,
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
-                        selector=selector, svd=svd, largest=largest, lift=None,
-                        master_weights=master_weights)
+                        selector=selector, svd=svd, largest=largest, lift=None, master_weights=master_weights)
         self._seed = check_seed(seed)
-        for flag, value in (("sparse_grad", sparse_grad), ("skip_nonfinite", skip_nonfinite)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        self.sparse_grad = check_flag("sparse_grad", sparse_grad)
+        self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
         self.selection_group = selection_group  # validated; builds self.strategy
-        self.sparse_grad = sparse_grad
-        self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
+        self._init_runtime()
+        self._built = False
+        super().__init__(params, defaults)
+        self._built = True
+        self._hook_all()
+
+    def _init_runtime(self) -> None:
+        """What lives only in this process: never saved, rebuilt by a copy or an unpickle."""
         # Gathered fp32 gradients of row-sharded (FSDP2 DTensor) weights, until step(); the
         # gradients of plain weights are gathered into p.grad itself (a GatheredGrad).
         self._sparse_grads: dict[Tensor, Tensor] = {}
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
-        self._built = False
-        super().__init__(params, defaults)
-        self._built = True
+
+    def _hook_all(self) -> None:
+        """Hook every LIFT weight that trains and make this optimizer the one whose hooks act on it."""
+        for p in self.lift_parameters():
+            if p.requires_grad:
+                grad_hooks.install(self, p, self._hooks)
         for p in self.lift_parameters():
             grad_hooks.claim(self, p)
+
+    # ----------------------------------------------------------------------------- copies, pickles
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self.selection_group not in ("world", None):
+            raise TypeError("a LIFTAdamW whose selection_group is a ProcessGroup cannot be copied or pickled "
+                            "(process groups belong to one process); set opt.selection_group = 'world' "
+                            "first, and back in the copy")
+        state["lift_config"] = {key: getattr(self, key) for key in _CONFIG}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        config = state.pop("lift_config", None)
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups of older checkpoints lack the newer options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if config is None:  # torch's load_state_dict refreshing state and param_groups of a live optimizer
+            return
+        self._seed = config["selection_seed"]
+        for key in _CONFIG[1:]:
+            setattr(self, key, config[key])
+        self._init_runtime()
+        self._built = True
+        self._hook_all()
 
     # ----------------------------------------------------------------------------- public surface
     # What training stacks and distributed strategies (lift_kernels.distributed) may use.
@@ -98,7 +151,7 @@ class LIFTAdamW(torch.optim.Optimizer):
 
     @selection_group.setter
     def selection_group(self, value) -> None:
-        self.strategy = make_strategy(value)  # raises on a bad value, leaving the old one
+        self.strategy = self.Strategy(value)  # raises on a bad value, leaving the old one
         self._selection_group = value
 
     @property
@@ -132,15 +185,22 @@ class LIFTAdamW(torch.optim.Optimizer):
         return needs_selection(state, self._group_of(p), state.get("step", 0) + 1)
 
     def next_step(self) -> int:
-        """The step the gradients of this backward pass are for (1 before any step)."""
-        for p in self.lift_parameters():
-            state = self.state.get(p)
-            if state and "step" in state:
-                return int(state["step"]) + 1
-        return 1
+        """The optimizer's next step: one more than the most steps any LIFT weight has taken (a
+        weight left without gradients for a while has taken fewer), 1 before any step."""
+        return 1 + max((self.state[p].get("step", 0) for p in self.lift_parameters() if p in self.state), default=0)
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
+        named = [g for g in self.param_groups if "param_names" in g]
+        if named and isinstance(param_group, dict) and "param_names" not in param_group:
+            # torch requires all groups with names or none; a group added as torch documents it,
+            # {"params": [w]}, after named ones (lift_param_groups) gets positional names
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            if not any(isinstance(p, tuple) for p in params):
+                gi = len(self.param_groups)
+                param_group = {**param_group, "params": params,
+                               "param_names": [f"param_groups[{gi}]['params'][{i}]" for i in range(len(params))]}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
@@ -154,11 +214,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
-        for p, _ in lift:
-            if p.requires_grad:
-                grad_hooks.install(self, p, self._hooks)
-                if self._built:  # a group added later; __init__ claims its groups' weights at its end
-                    grad_hooks.claim(self, p)
+        if self._built:  # a group added later; __init__ hooks its groups' weights at its end
+            for p, _ in lift:
+                if p.requires_grad:
+                    grad_hooks.install(self, p, self._hooks)
+                grad_hooks.claim(self, p)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -184,22 +244,6 @@ class LIFTAdamW(torch.optim.Optimizer):
                     return names[i] if names else f"param_groups[{gi}]['params'][{i}]"
         return "a parameter not in this optimizer"
 
-    def _init_state(self, group: dict, p: Tensor) -> dict:
-        """The one place state is born, lazily (as torch.optim's _init_group). A LIFT weight's
-        length-k vectors are sized by its first selection (selection.install_selection); a dense
-        parameter's state is torch.optim.AdamW's, whose functional step takes a tensor ``step``."""
-        state = self.state[p]
-        if state:
-            return state
-        if self._is_lift(group, p):
-            state["step"] = 0
-            state["shape"] = tuple(p.shape)
-        else:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     # ----------------------------------------------------------------------------- selection
     def _select_due(self, group: dict, params: list[Tensor]) -> None:
         """The one entry to selection: select the LIFT weights of ``params`` that are due before
@@ -207,9 +251,9 @@ class LIFTAdamW(torch.optim.Optimizer):
         hooks (through ``_select_due_of``) so that they act on the entries the step will update."""
         due = []
         for p in params:
-            state = self._init_state(group, p)
+            state = self.state[p]
             check_unchanged_shape(p, state, self._name_of)
-            if needs_selection(state, group, state["step"] + 1):
+            if needs_selection(state, group, state.get("step", 0) + 1):
                 due.append(p)
         if not due:
             return
@@ -221,17 +265,18 @@ class LIFTAdamW(torch.optim.Optimizer):
                 raise RuntimeError(f"selector={group['selector']!r} needs the dense gradient of the selecting step")
         by_step = defaultdict(list)
         for p in due:
-            by_step[self.state[p]["step"] + 1].append(p)
+            by_step[self.state[p].get("step", 0) + 1].append(p)
         positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
         for t, ps in by_step.items():
-            refresh(group, ps, t, positions, self._seed, self.state, grads, self.strategy)
+            for p, idx in refresh(group, ps, t, positions, self._seed, grads, self.strategy):
+                install_selection(self.state[p], p, self.strategy.local(p), idx, uses_master(group, p), t)
 
     def _select_due_of(self, p: Tensor) -> None:
         """From a gradient hook: if ``p`` is due, select every due weight of its group at once,
         batched exactly as step() would (a selection reads only the weights, which stay as they are
         until step(), so it equals step()'s)."""
         group, state = self._group_of(p), self.state[p]
-        if not state or needs_selection(state, group, state["step"] + 1):
+        if needs_selection(state, group, state.get("step", 0) + 1):
             self._select_due(group, self._lift_of(group))
 
     def _waits_for_grad(self, p: Tensor) -> bool:
@@ -241,83 +286,6 @@ class LIFTAdamW(torch.optim.Optimizer):
         return needs_grad(group) and needs_selection(state, group, state.get("step", 0) + 1)
 
     # ----------------------------------------------------------------------------- gradients
-    def _has_grad(self, p: Tensor) -> bool:
-        return p.grad is not None or p in self._sparse_grads
-
-    @torch.no_grad()
-    def _before_accumulate(self, p: Tensor) -> None:
-        """Hook before a backward adds to p.grad: select if due, then make sure a gathered p.grad
-        belongs to the current selection."""
-        if self.strategy.is_dtensor(p) or self._waits_for_grad(p):
-            return  # DTensor weights select after accumulation; gradient scorers in step()
-        if self.strategy.replicated():
-            if self.sparse_grad:
-                raise RuntimeError("LIFTAdamW(sparse_grad=True) gathers gradients before DDP averages them; "
-                                   "under DDP use sparse_grad=False with lk.sparse_allreduce_hook(opt)")
-            return  # DDP: lk.sparse_allreduce_hook sends (and keeps) only the selected entries
-        self._select_due_of(p)
-        check_unchanged_shape(p, self.state[p], self._name_of)
-        g = p.grad
-        if isinstance(g, GatheredGrad) and not self._current(g, p):
-            if g.values.count_nonzero():
-                raise RuntimeError(
-                    f"the gradient of {self._name_of(p)} was gathered at the selection before a refresh "
-                    "and never cleared; call zero_grad() after every step() in sparse_grad=True mode")
-            p.grad = None  # zero_grad(set_to_none=False) left zeros at the old entries
-
-    @torch.no_grad()
-    def _after_accumulate(self, p: Tensor) -> None:
-        """Sparse mode: gather p.grad at the selected entries (freeing the dense gradient); dense
-        mode: zero it outside them, so torch's tools see the gradient the step applies."""
-        if self.strategy.is_dtensor(p):
-            if self.sparse_grad:
-                self._gather_sharded(p)
-            return
-        if p.grad is None or isinstance(p.grad, GatheredGrad) or self._waits_for_grad(p):
-            return
-        if self.strategy.replicated() or "idx" not in self.state[p]:
-            return
-        idx = self.state[p]["idx"].long()
-        if self.sparse_grad:
-            p.grad = GatheredGrad(p.grad.reshape(-1).index_select(0, idx).float(), self.state[p]["idx"], p)
-        else:
-            if not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            flat = p.grad.view(-1)
-            kept = flat.index_select(0, idx)
-            flat.zero_()
-            flat.index_copy_(0, idx, kept)
-
-    def _gather_sharded(self, p: Tensor) -> None:
-        """Sparse mode on a DTensor (FSDP2) weight: keep grad[idx] of the local rows in fp32."""
-        if self._waits_for_grad(p):
-            return  # step() needs the whole accumulated gradient
-        self._select_due_of(p)
-        if p.grad is None:
-            return
-        g = self.strategy.local(p.grad).view(-1).index_select(0, self.state[p]["idx"].long()).float()
-        buf = self._sparse_grads.get(p)
-        self._sparse_grads[p] = g if buf is None else buf.add_(g)
-        p.grad = None
-
-    def _current(self, g: GatheredGrad, p: Tensor) -> bool:
-        idx = self.state[p].get("idx")
-        return idx is not None and (g.idx is idx or (g.idx.shape == idx.shape and torch.equal(g.idx, idx)))
-
-    def _applied_grad(self, p: Tensor) -> Tensor:
-        """The gradient the step applies: gathered (sparse mode) or the dense one."""
-        if p in self._sparse_grads:
-            return self._sparse_grads[p]
-        g = p.grad
-        if isinstance(g, GatheredGrad):
-            if not self._current(g, p):
-                raise RuntimeError(
-                    f"the gradient of {self._name_of(p)} was gathered at another selection than this "
-                    "optimizer's (another LIFTAdamW on the same weights, a load_state_dict after backward, "
-                    "or a refresh without zero_grad()); call zero_grad() and run backward again")
-            return g.values
-        return g
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._sparse_grads.clear()
@@ -336,11 +304,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         """
         parts, scaled, owners = [], [], []
         for group in self.param_groups:
-            self._select_due(group, [p for p in self._lift_of(group) if self._has_grad(p)])
+            self._select_due(group, [p for p in self._lift_of(group) if has_grad(self, p)])
             for p in group["params"]:
-                if not self._has_grad(p):
+                if not has_grad(self, p):
                     continue
-                applied = self._applied_grad(p)
+                applied = applied_grad(self, p)
                 g = self.strategy.local(applied)  # a shard's rows: the strategy adds up their norms
                 if self._is_lift(group, p) and applied.shape == p.shape:
                     parts.append(g.view(-1).index_select(0, self.state[p]["idx"].long()))
@@ -370,23 +338,38 @@ class LIFTAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.skip_nonfinite and not self._grads_finite():
-            self.skipped_steps += 1  # nothing else changes: the step is not counted either
+        dense_steps = self._plan_dense_steps()
+        if dense_steps is None:
             return loss
-        for group in self.param_groups:
-            lift, dense = [], []
-            for p in group["params"]:
-                if not self._has_grad(p):
-                    continue
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("LIFTAdamW does not take torch.sparse gradients")
-                (lift if self._is_lift(group, p) else dense).append(p)
-            if dense:
-                self._dense_step(group, dense)
-            if lift:
-                self._lift_step(group, lift)
-        self._sparse_grads.clear()
+        for tensors, options in dense_steps:  # what torch.compile traces: torch's functional AdamW
+            dense_adamw(*tensors, **options)
+        self._lift_steps()
         return loss
+
+    @host_side
+    def _plan_dense_steps(self) -> list[tuple[list, dict]] | None:
+        """None if skip_nonfinite skips this step (counted, nothing else changes); else, per group,
+        the tensor lists and options of its dense AdamW step. Host-side so that a compiled step never
+        holds a LIFT weight (its gradient may be a GatheredGrad, and its state is read on the host)."""
+        if self.skip_nonfinite and not self._grads_finite():
+            self.skipped_steps += 1
+            return None
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if not self._is_lift(group, p) and p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LIFTAdamW does not take torch.sparse gradients")
+            states = [init_dense_state(self.state[p], p, on_device=bool(group["fused"])) for p in params]
+            beta1, beta2 = group["betas"]
+            tensors = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states]]
+            plan.append((tensors, dict(amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                                       weight_decay=group["weight_decay"], eps=group["eps"],
+                                       maximize=group["maximize"], foreach=group["foreach"],
+                                       fused=group["fused"])))
+        return plan
 
     def _grads_finite(self) -> bool:
         """Whether every gradient this step would apply is finite (one host sync; agreed on by all
@@ -394,41 +377,59 @@ class LIFTAdamW(torch.optim.Optimizer):
         flags, owners = [], []
         for group in self.param_groups:
             for p in group["params"]:
-                if self._has_grad(p):
-                    flags.append(torch.isfinite(self.strategy.local(self._applied_grad(p))).all())
+                if has_grad(self, p):
+                    flags.append(torch.isfinite(self.strategy.local(applied_grad(self, p))).all())
                     owners.append(p)
         if not flags:
             return True
         ok = torch.stack([f.to(flags[0].device) for f in flags]).all().to(torch.int32)
         return self.strategy.all_finite(ok, owners)
 
-    def _dense_step(self, group: dict, params: list[Tensor]) -> None:
-        states = [self._init_state(group, p) for p in params]
-        beta1, beta2 = group["betas"]
-        dense_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
-                    beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=False)
+    # The LIFT part decides on the host (which weights select, which step each is at) and calls one
+    # fused kernel per bucket: traced by torch.compile it would be specialized on every step's int.
+    @host_side
+    def _lift_steps(self) -> None:
+        for group in self.param_groups:
+            lift = [p for p in self._lift_of(group) if has_grad(self, p)]
+            if lift:
+                self._lift_step(group, lift)
+        self._sparse_grads.clear()
 
     def _lift_step(self, group: dict, params: list[Tensor]) -> None:
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise RuntimeError("LIFTAdamW does not take torch.sparse gradients")
+        check_step_dtypes(params, self._name_of)  # before any state changes
         self._select_due(group, params)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        maximize = group["maximize"]
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        grads, local = {}, self.strategy.local
         for p in params:
             state = self.state[p]
-            state["step"] += 1
-            g = self._applied_grad(p)
-            buckets[(p.device, p.dtype, state["step"], "master" in state, g.shape == p.shape)].append(p)
-        local = self.strategy.local
+            grads[p] = self._step_grad(p, maximize)
+            dense = grads[p].shape == local(p).shape
+            buckets[(p.device, p.dtype, state["step"] + 1, "master" in state, dense)].append(p)
         for (_, _, step, has_master, _), ps in buckets.items():
             states = [self.state[p] for p in ps]
             ops.sparse_adamw_step(  # on the local rows of sharded weights, with their local idx
-                [local(p) for p in ps], [local(self._applied_grad(p)) for p in ps],
-                [s["idx"] for s in states],
+                [local(p) for p in ps], [grads[p] for p in ps], [s["idx"] for s in states],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["master"] for s in states] if has_master else None, step=step,
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"])
+            for s in states:
+                s["step"] = step
+
+    def _step_grad(self, p: Tensor, maximize: bool) -> Tensor:
+        """The gradient handed to the kernel (this process's part of it). ``maximize`` ascends:
+        the kernel gets the negated selected entries, gathered (k values: negation is exact, and
+        gathered and dense gradients take the same arithmetic in the kernel)."""
+        g = self.strategy.local(applied_grad(self, p))
+        if not maximize:
+            return g
+        if g.shape == self.strategy.local(p).shape:
+            g = g.reshape(-1).index_select(0, self.state[p]["idx"].long())
+        return g.float().neg()
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -440,9 +441,9 @@ class LIFTAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint; LIFT state keeps its dtypes (fp32 moments and masters, int32 indices).
 
-        Everything is checked against this optimizer's parameters before anything changes, so a
-        checkpoint of another model raises and leaves the optimizer as it was.
+        Load-state-dict pre-hooks run first and the checkpoint they return is what is checked and
+        loaded; everything is checked against this optimizer's parameters before anything changes
+        (a checkpoint of another model raises and leaves the optimizer as it was); post-hooks run
+        last and see the LIFT state as loaded.
         """
         load_lift_state_dict(self, state_dict, super().load_state_dict)
-        self._seed = int(state_dict["lift_seed"])
-        self.skipped_steps = int(state_dict.get("lift_skipped_steps", 0))

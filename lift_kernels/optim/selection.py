@@ -9,8 +9,7 @@ one such function (plus its test). The single-process path ranks the scores of w
 FSDP2 row shards) calls the same functions on its rows and ranks collectively.
 
 ``refresh`` makes the selections of weights due at one step, chunk by chunk (matrices of one shape
-together), and installs them in the weights' state (``install_selection``: moments and masters are
-carried over by ``ops.remap_state``).
+together); the optimizer installs them in the weights' state (state.py).
 """
 from __future__ import annotations
 
@@ -241,11 +240,12 @@ def select(W: Tensor, k: int, *, selector: str = "lift", lra_rank: int = 64, svd
 
 
 def refresh(group: dict, params: list[Tensor], t: int, positions: dict[int, int], seed: int,
-            states: dict, grads: dict[Tensor, Tensor] | None, strategy) -> None:
-    """Select entries for ``params`` (all due at step ``t``) and install them in ``states``.
+            grads: dict[Tensor, Tensor] | None, strategy) -> list[tuple[Tensor, Tensor]]:
+    """The selections of ``params`` (all due at step ``t``): (weight, sorted int32 indices) pairs.
 
     ``grads`` gives the dense gradient of each weight when the selector scores it; ``strategy``
-    (see strategy.py) decides who computes each chunk's selection.
+    (see strategy.py) decides who computes each chunk's selection. Nothing is installed here: the
+    optimizer hands each selection to ``state.install_selection``.
     """
     by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
@@ -258,50 +258,10 @@ def refresh(group: dict, params: list[Tensor], t: int, positions: dict[int, int]
             chunk = ps[start:start + per_batch]
             gen = selection_generator(seed, positions[id(chunk[0])], t)
             chunks.append(Chunk(chunk, [grads[p] for p in chunk] if grads is not None else None, k, group, gen))
-    # Largest chunks first, so that side by side they finish together; installed in their own order.
+    # Largest chunks first, so that side by side they finish together; returned in their own order.
     order = sorted(range(len(chunks)), key=lambda i: -sum(p.numel() for p in chunks[i].params))
     on_cpu = all(p.device.type == "cpu" for p in params)
     results = run_jobs([partial(strategy.select, chunks[i]) for i in order], on_cpu,
                        side_by_side=strategy.side_by_side())
     idxs_of = dict(zip(order, results))
-    for i, chunk in enumerate(chunks):
-        for p, new_idx in zip(chunk.params, idxs_of[i]):
-            install_selection(strategy.local(p), states[p], new_idx.contiguous(), uses_master(group, p))
-            states[p]["selected_at"] = t
-
-
-def uses_master(group: dict, p: Tensor) -> bool:
-    """fp32 masters of the selected entries: on by default for half-precision weights."""
-    wanted = group["master_weights"]
-    if wanted is None:
-        return p.dtype in (torch.bfloat16, torch.float16)
-    return bool(wanted)
-
-
-def install_selection(local: Tensor, state: dict, new_idx: Tensor, master: bool) -> None:
-    """Carry moments (and masters) from the old selection to ``new_idx``; new entries start at zero.
-
-    ``local`` is the weight as this process holds it (its idx address it). A master is the fp32 value
-    of an entry whose weight holds it rounded. Dropped entries need no write-back (each step already
-    rounds masters into the weight). Kept entries keep their master exactly: what is remapped is the
-    rounding residual master - weight, which is exact in fp32 (Sterbenz), and weight + residual gives
-    the master back; new entries get residual 0, i.e. the weight's own value.
-    """
-    flat = local.detach().view(-1)
-    old_idx = state.get("idx")
-    if old_idx is None:
-        zeros = torch.zeros(new_idx.numel(), dtype=torch.float32, device=local.device)
-        state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-        if master:
-            state["master"] = flat.index_select(0, new_idx.long()).float()
-    else:
-        carried = [state["exp_avg"], state["exp_avg_sq"]]
-        if master:
-            if "master" not in state:  # e.g. master_weights switched on after a checkpoint
-                state["master"] = flat.index_select(0, old_idx.long()).float()
-            carried.append(state["master"] - flat.index_select(0, old_idx.long()).float())
-        out = ops.remap_state(old_idx, new_idx, carried)
-        state["exp_avg"], state["exp_avg_sq"] = out[0], out[1]
-        if master:
-            state["master"] = flat.index_select(0, new_idx.long()).float().add_(out[2])
-    state["idx"] = new_idx
+    return [(p, new_idx) for i, chunk in enumerate(chunks) for p, new_idx in zip(chunk.params, idxs_of[i])]

@@ -13,12 +13,12 @@ The optimizer knows nothing of DDP or FSDP; it asks its strategy:
 - ``total_norm(parts, params, norm_type)`` and ``all_finite(flag, params)``: the gradient norm and
   finiteness, reduced over the processes that share the parameters.
 
-``lift_kernels.distributed`` registers its factory with ``register_strategy`` when imported; the
-optimizer builds its strategy with ``make_strategy(selection_group)``.
+The optimizer builds its strategy from its class: ``LIFTAdamW.Strategy(selection_group)``. The
+optimizer of lift_kernels.optim is the single-process one (LocalStrategy); lift_kernels.distributed
+derives the public ``lk.LIFTAdamW`` from it with its own strategy (no registry: whoever imports
+both chooses, and dependencies point one way, from distributed to optim).
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +28,12 @@ from .selection import Chunk
 
 class LocalStrategy:
     """One process holds every weight whole and selects alone."""
+
+    process_groups: tuple[type, ...] = ()  # what selection_group may be besides "world" and None
+
+    def __init__(self, selection_group="world"):
+        check_selection_group(selection_group, self.process_groups)
+        self.selection_group = selection_group
 
     def local(self, t: Tensor) -> Tensor:
         return t
@@ -64,22 +70,3 @@ def check_selection_group(selection_group, process_groups: tuple[type, ...] = ()
         return
     raise ValueError(f"selection_group must be 'world', None (each rank selects alone) or a "
                      f"torch.distributed ProcessGroup, got {selection_group!r}")
-
-
-def _local_factory(selection_group) -> LocalStrategy:
-    check_selection_group(selection_group)
-    return LocalStrategy()
-
-
-_factory: Callable[[object], LocalStrategy] = _local_factory
-
-
-def register_strategy(factory: Callable[[object], LocalStrategy]) -> None:
-    """Make ``factory(selection_group)`` build the strategy of every LIFTAdamW built from now on."""
-    global _factory
-    _factory = factory
-
-
-def make_strategy(selection_group) -> LocalStrategy:
-    """The strategy for LIFTAdamW's ``selection_group`` (ValueError if the option is not valid)."""
-    return _factory(selection_group)
