@@ -15,3 +15,12 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    """Say how the golden trajectories are compared on this machine (bit for bit only where recorded)."""
+    try:
+        from test_golden_trajectories import replay_mode
+    except Exception as exc:  # noqa: BLE001  (a header must never stop the run; the test itself reports)
+        return f"golden trajectories: cannot tell the replay mode ({exc!r})"
+    return replay_mode()

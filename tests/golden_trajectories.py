@@ -1,7 +1,8 @@
 """Training runs whose every bit is recorded, so a refactor can prove it changed no arithmetic.
 
 ``python tests/golden_trajectories.py`` records tests/data/golden_trajectories.pt (only when the
-arithmetic is meant to change); tests/test_golden_trajectories.py replays every run and compares.
+arithmetic is meant to change), with the fingerprint of the machine that made it (machine_numerics.py);
+tests/test_golden_trajectories.py replays every run and compares.
 Each run: TinyMLP, two LIFT groups (own lr, a scheduler) and a dense group, refreshes every 3 steps
 over 9 steps, one thread (so BLAS reductions run in one order).
 """
@@ -90,6 +91,7 @@ def _train(kwargs: dict, dtype: torch.dtype, clip: float | None, resume_at: int 
 
 
 if __name__ == "__main__":
-    torch.save({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": str(torch.__version__),
-                "runs": {name: run(name) for name in RUNS}}, GOLDEN)
+    from machine_numerics import fingerprint
+
+    torch.save({"machine": fingerprint(), "runs": {name: run(name) for name in RUNS}}, GOLDEN)
     print("wrote", GOLDEN)
