@@ -4,19 +4,18 @@
   default kernel on every device);
 - backends.py: which backend (reference, triton, native) runs each op on each device and why, and
   the torch.library registration of its kernels (LIFT_BACKEND, use_backend);
-- native.py: the compiled kernels of lift_kernels._C with their ops' signatures.
+- native.py: the compiled kernels of lift_kernels._C with their ops' signatures;
+- public.py: the public ops as documented functions (signature from the schema, docstring from library.py).
 
-The public functions below are the ops themselves (their schemas give the Python signatures and
-keyword arguments; see lift_kernels.reference for the semantics of each).
+The public functions below call the ops ``torch.ops.lift_kernels.<name>`` and nothing else.
 """
-import torch
-
 from . import library
 from .backends import BACKENDS, BackendUnavailableError, chosen, forced_backend, use_backend
+from .public import public
 
-sparse_adamw_step = torch.ops.lift_kernels.sparse_adamw_step
-remap_state = torch.ops.lift_kernels.remap_state
-principal_weights = torch.ops.lift_kernels.principal_weights
+sparse_adamw_step = public("sparse_adamw_step")
+remap_state = public("remap_state")
+principal_weights = public("principal_weights")
 
 OPS = library.PUBLIC
 

@@ -26,21 +26,47 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 
 
 OPS: dict[str, Callable] = {}  # every op's name -> its reference kernel (the schema's signature)
+DOCS: dict[str, str] = {}  # every public op's name -> its docstring (lift_kernels.ops.public attaches it)
 
 
-def _define(schema: str, reference_fn: Callable, fake: Callable) -> None:
+def _define(schema: str, reference_fn: Callable, fake: Callable, doc: str | None = None) -> None:
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _lib.impl(name, reference_fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
     OPS[name] = reference_fn
+    if doc is not None:
+        DOCS[name] = doc
 
 
 # ----------------------------------------------------------------------------- sparse_adamw_step
-# AdamW on the selected entries params[i].view(-1)[idxs[i]] of every weight of a bucket, in place.
-# grads[i] is dense (the weight's shape) or gathered (length k); masters is None (no fp32 master
-# copies) or one entry per weight, None where that weight has none. step is the global step after
-# increment. Mutated arguments are marked (a!)..(d!).
+# Mutated arguments are marked (a!)..(d!).
+_SPARSE_ADAMW_STEP_DOC = """AdamW on the selected entries of a bucket of weights, in place (LIFT's Eq. 3).
+
+For every weight i, updates ``params[i].view(-1)[idxs[i]]`` and its moments as torch.optim.AdamW's
+single-tensor step updates them (decoupled weight decay, bias correction by the global ``step``); the
+other entries are not touched. One call (one kernel launch on an accelerator, no host sync) for the
+whole bucket.
+
+Args:
+    params: the weights, any shapes, contiguous fp32, bf16 or fp16. Updated in place.
+    grads: per weight, its dense gradient (the weight's shape) or the already gathered gradient of
+        its selected entries (length k_i); fp32, bf16 or fp16.
+    idxs: per weight, the selected entries as sorted int32 flat indices (row * n + col), length k_i.
+    exp_avgs, exp_avg_sqs: per weight, Adam's first and second moments of the selected entries,
+        fp32 vectors of length k_i. Updated in place.
+    masters: None, or per weight an fp32 copy of its selected entries (length k_i), or None for a
+        weight without one: the update goes to the copy and is rounded into the bf16/fp16 weight.
+        Updated in place.
+    step: the global step t after increment (>= 1); the bias correction uses it, not an entry's age.
+    lr, beta1, beta2, eps, weight_decay: AdamW's hyperparameters, runtime values (changing them never
+        recompiles a kernel).
+
+Returns None. Runs the backend chosen for the tensors' device (see ``lk.info()``); every backend
+agrees with the pure-torch reference, lift_kernels.reference.sparse_adamw_step, to rounding.
+"""
+
+
 def _sparse_adamw_step_fake(params, grads, idxs, exp_avgs, exp_avg_sqs, masters=None, *, step, lr, beta1, beta2,
                             eps, weight_decay):
     return None  # updates its arguments in place, returns nothing
@@ -49,24 +75,62 @@ def _sparse_adamw_step_fake(params, grads, idxs, exp_avgs, exp_avg_sqs, masters=
 _define("sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[]? masters=None, *, int step, float lr, float beta1, float beta2, "
         "float eps, float weight_decay) -> ()",
-        reference.sparse_adamw_step, _sparse_adamw_step_fake)
+        reference.sparse_adamw_step, _sparse_adamw_step_fake, _SPARSE_ADAMW_STEP_DOC)
 
 
 # ----------------------------------------------------------------------------------- remap_state
-# Carry per-entry state from sorted flat indices old_idx to sorted new_idx; new entries get 0.
+_REMAP_STATE_DOC = """Carry per-entry optimizer state from one selection of a weight to the next.
+
+An entry selected before and after keeps its value; a newly selected entry starts at 0. Works by
+binary search over ``old_idx``: memory O(k), never m x n (Algorithm 1, lines 5-11).
+
+Args:
+    old_idx: the previous selection, sorted int32 flat indices, shape (k_old,).
+    new_idx: the new selection of the same weight, sorted int32 flat indices, shape (k_new,).
+    states: vectors of length k_old aligned with ``old_idx`` (e.g. exp_avg, exp_avg_sq, master), any
+        floating dtype.
+
+Returns:
+    One new tensor per state, shape (k_new,), with the state's dtype and device, aligned with
+    ``new_idx``. The inputs are not changed.
+"""
+
+
 def _remap_state_fake(old_idx, new_idx, states):
     return [s.new_empty(new_idx.shape) for s in states]
 
 
 _define("remap_state(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[]",
-        reference.remap_state, _remap_state_fake)
+        reference.remap_state, _remap_state_fake, _REMAP_STATE_DOC)
 
 
 # ----------------------------------------------------------------------------- principal_weights
-# Sorted int32 flat indices of the k largest (largest=False: smallest) |W'|, W' the best
-# rank-lra_rank approximation of W (m, n), or of each matrix of a batch (b, m, n): result (k,) or
-# (b, k). svd="exact" is a full SVD, always the reference's (the definition); svd="fast" the
-# accurate randomized path seeded from `generator`.
+# svd="exact" is always the reference's (the definition); svd="fast" may run a compiled kernel.
+_PRINCIPAL_WEIGHTS_DOC = """LIFT's principal weights: the flat indices of the k entries of largest |W'|.
+
+W' is the best rank-``lra_rank`` approximation of W (Eckart-Young; the paper's low-rank filter,
+Section 3.2). On the fast path W' is never formed as an m x n matrix: its factors are, and a fused
+top-k reads them.
+
+Args:
+    W: one matrix (m, n) or a batch of same-shaped matrices (b, m, n); fp32, bf16, fp16 or fp64
+        (computed in fp32, fp64 for fp64).
+    k: entries to select per matrix, 0 <= k <= m * n (LIFT's budget: min((m + n) * rank, m * n)).
+    lra_rank: rank of the approximation, 1 <= lra_rank <= min(m, n).
+    svd: "fast" (randomized block Krylov; agrees with "exact" on >= 0.99 of the entries of real LLM
+        weights) or "exact" (full SVD, the definition).
+    largest: False selects the k smallest |W'| instead (an ablation).
+    generator: the random source of svd="fast" (same generator state, same selection); None draws
+        from torch's default generator.
+
+Returns:
+    int32 flat indices (row * n + col) in ascending order, shape (k,) for one matrix or (b, k) for a
+    batch, on W's device. Ties at the threshold go to the lowest index, so there are exactly k.
+
+Raises ValueError when W's shape, k, lra_rank or svd is out of range.
+"""
+
+
 def check_principal_weights_args(W: Tensor, k: int, lra_rank: int, svd: str) -> None:
     if W.dim() not in (2, 3):
         raise ValueError(f"W must be (m, n) or (b, m, n), got shape {tuple(W.shape)}")
@@ -103,7 +167,7 @@ def _principal_weights_fake(W, k, lra_rank, svd="fast", largest=True, generator=
 
 _define('principal_weights(Tensor W, int k, int lra_rank, str svd="fast", bool largest=True, '
         "Generator? generator=None) -> Tensor",
-        _principal_weights_reference, _principal_weights_fake)
+        _principal_weights_reference, _principal_weights_fake, _PRINCIPAL_WEIGHTS_DOC)
 
 
 # ----------------------------------------------- the compiled principal_weights and its two steps

@@ -1,0 +1,80 @@
+"""The public ops are documented functions (issue 19, item 7): help() and inspect.signature show their
+arguments and what they compute, and they still are the torch ops (torch.compile sees the op)."""
+import inspect
+import pydoc
+
+import pytest
+import torch
+
+import lift_kernels as lk
+from lift_kernels.ops import library
+
+PUBLIC = {"sparse_adamw_step": lk.sparse_adamw_step, "remap_state": lk.remap_state,
+          "principal_weights": lk.principal_weights}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_signature_is_the_schemas(name):
+    sig = inspect.signature(PUBLIC[name])
+    schema = getattr(torch.ops.lift_kernels, name).default._schema
+    assert list(sig.parameters) == [a.name for a in schema.arguments]
+    for arg in schema.arguments:
+        param = sig.parameters[arg.name]
+        assert (param.kind is inspect.Parameter.KEYWORD_ONLY) == arg.kwarg_only, arg.name
+        if arg.has_default_value():
+            assert param.default == arg.default_value, arg.name
+        else:
+            assert param.default is inspect.Parameter.empty, arg.name
+
+
+def test_signatures_read_as_python():
+    assert str(inspect.signature(lk.principal_weights)) == (
+        "(W: torch.Tensor, k: int, lra_rank: int, svd: str = 'fast', largest: bool = True, "
+        "generator: torch._C.Generator | None = None) -> torch.Tensor")
+    assert str(inspect.signature(lk.remap_state)) == (
+        "(old_idx: torch.Tensor, new_idx: torch.Tensor, states: list[torch.Tensor]) -> list[torch.Tensor]")
+    step = inspect.signature(lk.sparse_adamw_step)
+    assert str(step.parameters["masters"]) == "masters: list[torch.Tensor | None] | None = None"
+    assert step.parameters["lr"].kind is inspect.Parameter.KEYWORD_ONLY and step.return_annotation is None
+
+
+@pytest.mark.parametrize("name, says", [
+    ("principal_weights", ["(m, n)", "(b, m, n)", "int32", "(k,)", "(b, k)", "fp32, bf16, fp16 or fp64", "svd"]),
+    ("sparse_adamw_step", ["in place", "length k_i", "fp32", "bf16", "masters", "step"]),
+    ("remap_state", ["(k_old,)", "(k_new,)", "int32", "starts at 0"]),
+])
+def test_help_shows_the_signature_and_what_it_computes(name, says):
+    text = pydoc.render_doc(PUBLIC[name], renderer=pydoc.plaintext)
+    assert "OpOverloadPacket" not in text and "(*args, **kwargs)" not in text
+    assert f"{name}(" in text and "lift_kernels" in text
+    assert PUBLIC[name].__doc__ == library.DOCS[name]
+    for phrase in says:
+        assert phrase in text, phrase
+
+
+def test_keyword_and_positional_calls_reach_the_op():
+    W = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lk.principal_weights(W, 10, 2, svd="exact"),
+                       torch.ops.lift_kernels.principal_weights(W, k=10, lra_rank=2, svd="exact"))
+    with pytest.raises(ValueError, match="lra_rank must be in"):
+        lk.principal_weights(W, k=10, lra_rank=10)
+
+
+def test_torch_compile_sees_the_op_in_one_graph():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def remap(old, new, state):
+        return lk.remap_state(old, new, [state * 2])[0]
+
+    old = torch.tensor([1, 4, 6], dtype=torch.int32)
+    new = torch.tensor([0, 4, 6], dtype=torch.int32)
+    state = torch.tensor([1.0, 2.0, 3.0])
+    out = torch.compile(remap, backend=record, fullgraph=True)(old, new, state)
+    assert out.tolist() == [0.0, 4.0, 6.0]
+    packet = torch.ops.lift_kernels.remap_state
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert packet in targets or packet.default in targets, targets
