@@ -71,7 +71,7 @@ def test_forced_reference_backend_is_registered_and_restored():
     with use_backend("reference"):
         assert lk.info()["forced_backend"] == "reference"
         for op in ops.OPS:
-            assert ops.chosen(op, "cpu") == ("reference", "forced by LIFT_BACKEND=reference")
+            assert ops.chosen(op, "cpu") == ("reference", "forced by use_backend('reference')")
             assert not _has_cpu_kernel(op)
     assert ops.forced_backend() is None and _has_cpu_kernel("remap_state") == before
 
@@ -87,9 +87,9 @@ def test_lift_backend_is_read_by_use_backend(monkeypatch):
 
 def test_forced_triton_keeps_the_default_for_ops_it_lacks():
     with use_backend("triton"):  # conftest runs Triton under TRITON_INTERPRET=1 without a GPU
-        assert ops.chosen("sparse_adamw_step", "cpu") == ("triton", "forced by LIFT_BACKEND=triton")
+        assert ops.chosen("sparse_adamw_step", "cpu") == ("triton", "forced by use_backend('triton')")
         backend, why = ops.chosen("principal_weights", "cpu")
-        assert why.startswith("LIFT_BACKEND=triton has no principal_weights; default for cpu")
+        assert why.startswith("use_backend('triton') has no principal_weights; default for cpu")
         assert backend == ("native" if _ext.EXT is not None else "reference")
 
 
@@ -109,16 +109,16 @@ def test_forced_native_backend_without_extension_raises_naming_op_device_reason_
         with pytest.raises(BackendUnavailableError) as err:
             lk.remap_state(idx, idx, [torch.zeros(2)])
     assert str(err.value) == why == (
-        "LIFT_BACKEND=native was forced but cannot run remap_state on cpu tensors: lift_kernels._C is not built. "
-        "Unset LIFT_BACKEND (or call lift_kernels.ops.use_backend(None)) to let lift_kernels choose, or install "
-        "what is missing.")
+        "use_backend('native') was forced but cannot run remap_state on cpu tensors: lift_kernels._C is not "
+        "built. Call lift_kernels.ops.use_backend(None) (or leave the use_backend block) to let lift_kernels "
+        "choose, or install what is missing.")
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     idx = torch.tensor([1, 2], dtype=torch.int32)
     with use_backend("triton"):
-        with pytest.raises(BackendUnavailableError, match="LIFT_BACKEND=triton was forced but cannot run "
+        with pytest.raises(BackendUnavailableError, match=r"use_backend\('triton'\) was forced but cannot run "
                            "remap_state on cpu tensors: Triton runs CPU tensors only under TRITON_INTERPRET=1"):
             lk.remap_state(idx, idx, [torch.zeros(2)])
 

@@ -98,5 +98,5 @@ def test_training_under_each_forced_backend_follows_the_reference(forced):
 
 def test_a_forced_backend_that_cannot_run_fails_the_training_step(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="LIFT_BACKEND=triton was forced but cannot run"):
+    with pytest.raises(BackendUnavailableError, match=r"use_backend\('triton'\) was forced but cannot run"):
         backend_trajectory(TinyMLP(), "triton", steps=1)

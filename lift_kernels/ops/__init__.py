@@ -10,7 +10,7 @@
 The public functions below call the ops ``torch.ops.lift_kernels.<name>`` and nothing else.
 """
 from . import library
-from .backends import BACKENDS, BackendUnavailableError, chosen, forced_backend, use_backend
+from .backends import BACKENDS, BackendUnavailableError, chosen, forced_backend, forced_origin, use_backend
 from .public import public
 
 sparse_adamw_step = public("sparse_adamw_step")
@@ -21,5 +21,5 @@ OPS = library.PUBLIC
 
 use_backend()  # LIFT_BACKEND as set when lift_kernels is imported
 
-__all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "chosen", "forced_backend", "principal_weights",
-           "remap_state", "sparse_adamw_step", "use_backend"]
+__all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "chosen", "forced_backend", "forced_origin",
+           "principal_weights", "remap_state", "sparse_adamw_step", "use_backend"]

@@ -16,7 +16,8 @@ of falling back quietly.
 LIFT_BACKEND is read when lift_kernels is imported (an unknown name fails the import with a
 ValueError that lists the names). ``use_backend(name)`` re-registers at run time:
 ``use_backend("reference")`` forces, ``use_backend(None)`` restores the defaults, ``use_backend()``
-follows LIFT_BACKEND again; used as a context manager it restores the previous choice on exit.
+follows LIFT_BACKEND again; used as a context manager it restores the previous choice on exit. The
+reasons (lk.info()) and errors name what forced a backend: ``LIFT_BACKEND=x`` or ``use_backend('x')``.
 """
 from __future__ import annotations
 
@@ -90,18 +91,28 @@ def parse(name: str | None) -> str | None:
     return name
 
 
-def choose(op: str, device_type: str, forced: str | None) -> tuple[str, str]:
+def forced_by(forced: str | None, from_env: bool) -> str | None:
+    """What forced ``forced``, as reasons and errors name it: "LIFT_BACKEND=x" or "use_backend('x')"."""
+    if forced is None:
+        return None
+    return f"LIFT_BACKEND={forced}" if from_env else f"use_backend({forced!r})"
+
+
+def choose(op: str, device_type: str, forced: str | None, from_env: bool = True) -> tuple[str, str]:
     """(backend, reason) for ``op`` on ``device_type`` tensors; raises BackendUnavailableError if the
-    ``forced`` backend implements the op but cannot run it there."""
+    ``forced`` backend implements the op but cannot run it there. ``from_env``: LIFT_BACKEND forced it,
+    else a use_backend() call (the reason and the error name the one that did)."""
+    origin = forced_by(forced, from_env)
     if forced is not None and implements(forced, op):
         why = _why_not(op, forced, device_type)
         if why is not None:
+            undo = ("Unset LIFT_BACKEND (or call lift_kernels.ops.use_backend(None))" if from_env
+                    else "Call lift_kernels.ops.use_backend(None) (or leave the use_backend block)")
             raise BackendUnavailableError(
-                f"LIFT_BACKEND={forced} was forced but cannot run {op} on {device_type} tensors: {why}. "
-                "Unset LIFT_BACKEND (or call lift_kernels.ops.use_backend(None)) to let lift_kernels choose, "
-                "or install what is missing.")
-        return forced, f"forced by LIFT_BACKEND={forced}"
-    prefix = f"LIFT_BACKEND={forced} has no {op}; " if forced is not None else ""
+                f"{origin} was forced but cannot run {op} on {device_type} tensors: {why}. "
+                f"{undo} to let lift_kernels choose, or install what is missing.")
+        return forced, f"forced by {origin}"
+    prefix = f"{origin} has no {op}; " if forced is not None else ""
     skipped = []
     for backend in _DEFAULTS.get(device_type, ()):
         if not implements(backend, op):
@@ -132,20 +143,21 @@ class _Registry:
     def __init__(self):
         self.lib: torch.library.Library | None = None
         self.forced: str | None = None
+        self.from_env = False  # whether LIFT_BACKEND (not a use_backend call) forced self.forced
         self.kernels: dict[tuple[str, str], Callable] = {}  # (op, device) -> what runs there now
         self.choices: dict[tuple[str, str], tuple[str, str]] = {}  # (op, device) -> (backend, reason)
 
-    def register(self, forced: str | None) -> None:
+    def register(self, forced: str | None, from_env: bool) -> None:
         kernels, choices = {}, {}
         for op, reference_kernel in OPS.items():
             for dev in devices():
                 try:
-                    backend, why = choose(op, dev, forced)
+                    backend, why = choose(op, dev, forced, from_env)
                     fn = _kernel(op, backend, dev) or reference_kernel
                 except BackendUnavailableError as exc:
                     backend, why, fn = "error", str(exc), _unavailable(exc)
                 kernels[op, dev], choices[op, dev] = fn, (backend, why)
-        self.kernels, self.forced, self.choices = kernels, forced, choices
+        self.kernels, self.forced, self.from_env, self.choices = kernels, forced, from_env, choices
         if self.lib is None:
             self.lib = torch.library.Library(NAMESPACE, "IMPL")
             for op, dev in kernels:
@@ -166,20 +178,26 @@ class use_backend:  # noqa: N801  (used like a function, as torch.set_grad_enabl
     current value) for every op and device. As a context manager, restores the previous choice on exit."""
 
     def __init__(self, name: str | None | object = _FROM_ENV):
-        forced = parse(os.environ.get("LIFT_BACKEND") if name is _FROM_ENV else name)
-        self.previous = _REGISTRY.forced
-        _REGISTRY.register(forced)
+        from_env = name is _FROM_ENV
+        forced = parse(os.environ.get("LIFT_BACKEND") if from_env else name)
+        self.previous = _REGISTRY.forced, _REGISTRY.from_env
+        _REGISTRY.register(forced, from_env)
 
     def __enter__(self) -> use_backend:
         return self
 
     def __exit__(self, *exc) -> None:
-        _REGISTRY.register(self.previous)
+        _REGISTRY.register(*self.previous)
 
 
 def forced_backend() -> str | None:
     """The backend forced now (by LIFT_BACKEND or use_backend), or None."""
     return _REGISTRY.forced
+
+
+def forced_origin() -> str | None:
+    """What forced the backend now: "LIFT_BACKEND=<name>" or "use_backend('<name>')"; None if none is."""
+    return forced_by(_REGISTRY.forced, _REGISTRY.from_env)
 
 
 def chosen(op: str, device_type: str) -> tuple[str, str]:

@@ -1,12 +1,14 @@
-"""``lk.info()``: what is built, which backend each op uses on each device, and why."""
-from __future__ import annotations
+"""``lk.info()``: what is built, which backend each op uses on each device, and why.
 
-import json
+A package rather than a module so that ``python -m lift_kernels.info`` (its __main__.py) runs without
+runpy's "found in sys.modules" RuntimeWarning: ``import lift_kernels`` imports this for ``lk.info``,
+and runpy warns only when the module it is asked to run was imported already, not a package."""
+from __future__ import annotations
 
 import torch
 
-from . import __version__, _ext, _triton_loader, ops
-from .ops import native
+from .. import __version__, _ext, _triton_loader, ops
+from ..ops import native
 
 
 def info() -> dict:
@@ -20,9 +22,6 @@ def info() -> dict:
         "extension": {"loaded": _ext.EXT is not None, "error": _ext.EXT_ERROR, "kernels": native.kernels()},
         "triton": {"usable": triton_ok, "why": triton_why, "interpret": _triton_loader.interpreting()},
         "forced_backend": ops.forced_backend(),
+        "forced_by": ops.forced_origin(),  # "LIFT_BACKEND=..." or "use_backend(...)"
         "ops": ops_info,
     }
-
-
-if __name__ == "__main__":
-    print(json.dumps(info(), indent=2))
