@@ -84,9 +84,10 @@ def load(path: str) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated, garbled or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); the file is "
-                              f"damaged or not a lift-finetune checkpoint; {_FIX}") from None
+    except Exception as err:  # a truncated, garbled or foreign file: our advice, then torch's cause in brief
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a lift-finetune "
+                              f"checkpoint (checkpoint-NNNNNN.pt in a run's --output-dir); {_FIX} "
+                              f"[torch.load: {_one_line(err)}]") from None
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, _LEGACY_FORMAT) and (
             "checksum" not in payload):
         raise CheckpointError(f"{path} is not a lift-finetune checkpoint")
@@ -108,6 +109,17 @@ def load(path: str) -> dict:
                       "detected in it", UserWarning, stacklevel=2)
     _check_layout(path, payload)
     return payload
+
+
+def _one_line(err: Exception) -> str:
+    """torch.load's error in one line. Its own message runs to paragraphs and, for any file that is not
+    a weights-only pickle, advises weights_only=False, which would let the file run code."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # the part that names what the unpickler met
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first_sentence = re.split(r"(?<=\.)\s", lines[0])[0] if lines else ""
+    return f"{type(err).__name__}: {first_sentence[:200].rstrip('.')}"
 
 
 def _check_layout(path: str, payload: dict) -> None:

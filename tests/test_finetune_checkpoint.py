@@ -81,3 +81,20 @@ def test_missing_checksum_or_foreign_payload_is_refused(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(checkpoint.CheckpointError, match="is not a lift-finetune checkpoint"):
         checkpoint.load(path)
+
+
+def test_a_file_that_is_no_checkpoint_gets_advice_and_a_one_line_cause(tmp_path):
+    """torch.load's paragraphs (which advise weights_only=False) never reach the user; its cause does, in brief."""
+    for name, content, cause in [("data.jsonl", b'{"instruction": "q", "output": "1"}\n',
+                                  "UnpicklingError: Unsupported operand 123"),
+                                 ("cut.pt", b"PK\x03\x04garbage", "RuntimeError: PytorchStreamReader failed "
+                                                                  "reading zip archive: not a ZIP archive")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            checkpoint.load(str(path))
+        assert str(err.value) == (f"cannot read checkpoint {path}: the file is damaged or not a lift-finetune "
+                                  "checkpoint (checkpoint-NNNNNN.pt in a run's --output-dir); resume from another "
+                                  "checkpoint (--resume PATH) or start the run again in a new --output-dir "
+                                  f"[torch.load: {cause}]")
+

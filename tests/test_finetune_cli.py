@@ -219,6 +219,16 @@ def test_resume_without_checkpoint(tiny_model, tmp_path):
     assert "checkpoint not found" in msg
 
 
+def test_resume_from_a_file_that_is_no_checkpoint_gives_advice_not_torch_text(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"instruction": "q", "output": "1"}] * 3)
+    msg = fail_message(tiny_model, tmp_path / "run", "--resume", data)
+    assert msg.startswith(f"lift-finetune: error: cannot read checkpoint {data}: the file is damaged or not a "
+                          "lift-finetune checkpoint")
+    assert "--resume PATH" in msg and "\n" not in msg
+    assert "weights_only" not in msg and "[torch.load: UnpicklingError: " in msg  # the cause, in brief, last
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_flag_values(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(tiny_model, tmp_path / "run", "--rank", "0")
