@@ -176,6 +176,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
             prep.start_step = checkpoint.restore(payload, setup.model, setup.optimizer, scheduler, device,
                                                  resume_from)
             prep.history, prep.base_eval = payload["extra"]["history"], payload["extra"]["base_eval"]
+            print(f"lift-finetune: resumed from step {prep.start_step} (checkpoint {resume_from})", flush=True)
         return prep
     except (data.DataError, model_io.ModelError, methods.MethodError, checkpoint.CheckpointError) as err:
         raise fail(str(err)) from None

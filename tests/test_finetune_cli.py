@@ -126,6 +126,14 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
     assert "already holds a run" in msg
 
 
+def test_resumed_run_says_from_which_step_and_checkpoint(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(tiny_model, out, "--max-steps", "2")
+    capsys.readouterr()
+    run_cli(tiny_model, out, "--max-steps", "2", "--resume")
+    assert f"resumed from step 2 (checkpoint {out / 'checkpoint-000002.pt'})" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "magnitude", "random"])
 def test_methods(tiny_model, tmp_path, method):
     run_cli(tiny_model, tmp_path / method, "--method", method, "--max-steps", "2")
