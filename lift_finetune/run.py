@@ -90,6 +90,15 @@ def _datasets(args: argparse.Namespace):
     return train_set, test_set
 
 
+def _held_out_note(args: argparse.Namespace, n_train: int, n_held: int) -> str:
+    """Where the training examples went when --max-eval held them out of --data (else nothing to add)."""
+    if args.data is None or args.eval_data is not None:
+        return ""
+    rule = f"--max-eval {args.max_eval}" if args.max_eval is not None else "a tenth, --max-eval being unset"
+    return (f"; {n_held} of the {n_train + n_held} examples in --data were held out for evaluation ({rule}), "
+            f"leaving {n_train} for training: lower --max-eval or pass --eval-data")
+
+
 def _checkpoint_to_resume(args: argparse.Namespace) -> str | None:
     """The checkpoint file --resume asks for (None for a fresh run); refuses to overwrite an earlier run."""
     existing = checkpoint.checkpoint_files(args.output_dir) if os.path.isdir(args.output_dir) else []
@@ -159,7 +168,8 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
         per_step = args.batch_size * args.grad_accum
         if len(features) < per_step:
             raise fail(f"--batch-size x --grad-accum = {per_step} exceeds the {len(features)} usable training "
-                       f"examples ({dropped} had no response left within --max-length)")
+                       f"examples ({dropped} had no response left within --max-length)"
+                       f"{_held_out_note(args, len(train_set), len(test_set))}")
         if args.max_steps is None:
             args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch(len(features), args.batch_size,
                                                                              args.grad_accum)))

@@ -220,6 +220,17 @@ def test_batch_larger_than_data(tiny_model, tmp_path):
     assert "--batch-size x --grad-accum = 4 exceeds the 3 usable training examples" in msg
 
 
+def test_max_eval_beyond_the_data_says_how_many_were_held_out(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "1"}] * 10)
+    msg = fail_message(tiny_model, tmp_path / "run", "--data", data, "--max-eval", "64")
+    assert ("exceeds the 1 usable training examples (0 had no response left within --max-length); 9 of the 10 "
+            "examples in --data were held out for evaluation (--max-eval 64), leaving 1 for training: lower "
+            "--max-eval or pass --eval-data") in msg
+    held = write_jsonl(tmp_path / "held.jsonl", [{"instruction": "q", "output": "1"}] * 2)
+    msg = fail_message(tiny_model, tmp_path / "run", "--data", held, "--eval-data", held)  # nothing held out
+    assert msg.endswith("within --max-length)")
+
+
 def test_resume_without_checkpoint(tiny_model, tmp_path):
     msg = fail_message(tiny_model, tmp_path / "run", "--resume")
     assert "no checkpoint" in msg
