@@ -1,6 +1,8 @@
 """Which model to fine-tune and loading it: a local folder, a hub id, a GGUF file, or the built-in one."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -65,11 +67,12 @@ def load(source: ModelSource, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the GGUF conversion bar would bury our own output
+    hf_logging.disable_progress_bar()  # the weight-loading bars would bury our own output
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model {source.name}: {err}") from None
     if source.gguf_file:
@@ -78,6 +81,28 @@ def load(source: ModelSource, device: torch.device):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.to(device), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion():
+    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar, and only that one.
+
+    transformers.modeling_gguf_pytorch_utils draws it with the tqdm it imports from tqdm.auto (transformers
+    5.x), which hf_logging.disable_progress_bar() does not reach. Our training bar must still draw, so
+    tqdm is disabled only where that module looks it up, and only while loading."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF loader in this transformers, so no such bar
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _drop_gguf_quantizer(model, source: ModelSource) -> None:

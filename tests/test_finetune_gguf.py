@@ -3,6 +3,9 @@
 transformers marks a GGUF-loaded model as quantized although its weights are dequantized fp32;
 lift_finetune.model.load must hand back a plain model.
 """
+import contextlib
+import io
+
 import pytest
 import torch
 
@@ -11,10 +14,27 @@ from lift_finetune import model as model_io
 
 
 @pytest.fixture(scope="module")
-def smollm():
+def loaded():
+    """(model, tokenizer) and what loading them wrote to stderr."""
     smollm2.require()
     pytest.importorskip("transformers")
-    return model_io.load(model_io.builtin_source(), torch.device("cpu"))
+    with contextlib.redirect_stderr(io.StringIO()) as err:  # where tqdm draws its bars
+        model, tokenizer = model_io.load(model_io.builtin_source(), torch.device("cpu"))
+    return model, tokenizer, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smollm(loaded):
+    return loaded[:2]
+
+
+def test_conversion_draws_no_progress_bar(loaded):
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is silenced (issue 19, item 7)."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils
+
+    assert "GGUF tensors" not in loaded[2] and "it/s" not in loaded[2], loaded[2][-500:]
+    assert modeling_gguf_pytorch_utils.tqdm is tqdm  # silenced only while loading: other bars still draw
 
 
 def test_not_marked_quantized(smollm):
