@@ -42,17 +42,24 @@ def _smooth(values: list[float], span: int) -> list[float]:
     return out
 
 
-def plot_loss(path: str, history: list[dict], title: str) -> None:
+def loss_figure(history: list[dict], title: str):
+    """The loss curve (per step, and a trailing mean once the run is long enough) with the LR beside it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [h["step"] for h in history]
     loss = [h["loss"] for h in history]
+    span = len(loss) // 10
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, color="tab:blue", alpha=0.35, label="loss per step")
-    ax.plot(steps, _smooth(loss, max(1, len(loss) // 10)), color="tab:blue", label="loss (trailing mean)")
+    if span >= 2:  # a mean over one step is the per-step line itself, drawn over it
+        ax.plot(steps, loss, color="tab:blue", alpha=0.35, label="loss per step")
+        ax.plot(steps, _smooth(loss, span), color="tab:blue", label=f"loss (trailing mean of {span} steps)")
+    else:  # a short run: every step is worth seeing
+        ax.plot(steps, loss, color="tab:blue", marker="o", markersize=3, label="loss per step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 1.5 ticks on short runs
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("response-token cross-entropy")
     lr_ax = ax.twinx()
@@ -63,6 +70,13 @@ def plot_loss(path: str, history: list[dict], title: str) -> None:
     ax.legend(handles[0] + lr_handles[0], handles[1] + lr_handles[1], loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(path: str, history: list[dict], title: str) -> None:
+    fig = loss_figure(history, title)
+    import matplotlib.pyplot as plt  # after loss_figure chose the Agg backend
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
