@@ -1,7 +1,10 @@
 """lift-finetune checkpoints: a checksum catches damage, a refusal changes nothing (issue 12, item 5)."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
-from file_fixtures import small_run, snapshot, train_steps, write_checkpoint
+from file_fixtures import extra, small_run, snapshot, train_steps, write_checkpoint
 
 from lift_kernels._digest import structure_digest
 from lift_finetune import checkpoint
@@ -98,3 +101,14 @@ def test_a_file_that_is_no_checkpoint_gets_advice_and_a_one_line_cause(tmp_path)
                                   "checkpoint (--resume PATH) or start the run again in a new --output-dir "
                                   f"[torch.load: {cause}]")
 
+
+def test_names_are_zero_padded_and_only_the_newest_is_kept_as_the_readme_says(tmp_path):
+    model, opt, sched = small_run()
+    for step in (4, 8):
+        path = checkpoint.save(str(tmp_path), step, model, opt, sched, extra(step), torch.device("cpu"))
+        if step == 4:
+            assert os.path.basename(path) == "checkpoint-000004.pt"
+    assert os.listdir(tmp_path) == ["checkpoint-000008.pt"]  # step 4's was deleted once step 8's was complete
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "zero-padded to six digits (`checkpoint-000004.pt` after step 4)" in readme
+    assert "the older ones are deleted, so only the newest checkpoint is kept" in readme
