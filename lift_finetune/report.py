@@ -65,6 +65,10 @@ def loss_figure(history: list[dict], title: str):
     lr_ax = ax.twinx()
     lr_ax.plot(steps, [h["lr"] for h in history], color="tab:gray", linestyle="--", label="learning rate")
     lr_ax.set_ylabel("learning rate")
+    # the loss in front: a twin axes draws over its host, and on a short run with a linear schedule the
+    # LR line, scaled to its own axis, can lie exactly on the loss line
+    ax.set_zorder(lr_ax.get_zorder() + 1)
+    ax.patch.set_visible(False)  # else the host's background would hide the LR line instead
     handles = ax.get_legend_handles_labels()
     lr_handles = lr_ax.get_legend_handles_labels()
     ax.legend(handles[0] + lr_handles[0], handles[1] + lr_handles[1], loc="upper right")

@@ -45,6 +45,9 @@ def test_short_run_draws_each_step_opaque_and_no_trailing_mean_over_it():
         per_step = lines["loss per step"]
         assert per_step.get_alpha() in (None, 1.0) and per_step.get_marker() not in (None, "None", "")
         assert list(per_step.get_xdata()) == [1, 2, 3]
+        loss_ax, lr_ax = fig.axes
+        assert loss_ax.get_zorder() > lr_ax.get_zorder()  # drawn over the LR line, which may lie on it
+        assert not loss_ax.patch.get_visible()  # and its background does not hide the LR line
     finally:
         _close(fig)
 
