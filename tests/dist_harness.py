@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from datetime import timedelta
 from multiprocessing.connection import wait
 
 import torch
@@ -28,7 +29,10 @@ from rank_reports import RanksFailed, echo_stderr, failure_report, rank_file
 # A rank that outlives a failed peer by this long is stuck (in a collective the peer left): its
 # stacks are dumped and it is killed. Long enough for a loaded 2-core machine to let it fail alone.
 GRACE_S = 60.0
-TIMEOUT_S = 1800.0  # the whole run: gloo's own default timeout, so a collective times out first
+# A collective that waits this long for a peer raises (gloo's default is 30 minutes); healthy runs
+# take about 2 minutes in all on a loaded 2-core machine, start-up included.
+COLLECTIVE_TIMEOUT_S = 300.0
+TIMEOUT_S = 1200.0  # the whole run
 
 
 def free_port() -> int:
@@ -41,20 +45,41 @@ def _entry(rank: int, world: int, port: int, fn, args, logs: str) -> None:
     # libstdc++'s "terminate called ..." and Python's fatal-error dumps go to the raw fd 2
     err = os.open(rank_file(logs, rank, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(err, 2)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)  # C++ stacks of every thread, to stderr
     fault = open(rank_file(logs, rank, "stacks"), "w")  # kept open for the process's lifetime
-    faulthandler.enable(fault, all_threads=True)  # SIGABRT, SIGSEGV, ...: every thread's stack
+    faulthandler.enable(fault, all_threads=True)  # Python stacks first, then torch's handler above
     faulthandler.register(signal.SIGUSR1, fault, all_threads=True)  # the harness asks for a stuck rank's
     torch.set_num_threads(1)  # CI has 2 cores for all ranks together
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    status = 1
     try:
         fn(rank, world, *args)
         dist.barrier()
+        status = 0
     except BaseException:
         with open(rank_file(logs, rank, "traceback"), "w") as f:
             f.write(traceback.format_exc())
-        sys.exit(1)
     finally:
         dist.destroy_process_group()
+    _exit_without_finalizing(status)
+
+
+def _exit_without_finalizing(status: int) -> None:
+    """Ends the rank without tearing the interpreter down.
+
+    gloo's worker threads outlive destroy_process_group() whenever a DDP model was built (DDP keeps
+    references to the group; its threads are only joined when the group is freed), and they take
+    the GIL on their own schedule: to run Python future callbacks (comm hooks' ``then``) and to
+    free the Python objects of tensors a finished collective held. A thread that asks for the GIL
+    once the interpreter is finalizing is ended by CPython with pthread_exit(); inside a C++
+    destructor (noexcept) that is std::terminate, "terminate called without an active exception",
+    SIGABRT. On a loaded machine a starved worker can be that late. The test's verdict is already
+    written; nothing left here needs finalizing, so nothing is left for those threads to race.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _wait_all(procs: list, timeout: float, grace: float) -> list[int]:

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-STDERR_TAIL_LINES = 40
+STDERR_TAIL_LINES = 200  # enough for torch's C++ stacks of every thread at a fatal signal
 
 
 class RanksFailed(AssertionError):
