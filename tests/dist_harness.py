@@ -68,14 +68,15 @@ def _entry(rank: int, world: int, port: int, fn, args, logs: str) -> None:
 def _exit_without_finalizing(status: int) -> None:
     """Ends the rank without tearing the interpreter down.
 
-    gloo's worker threads outlive destroy_process_group() whenever a DDP model was built (DDP keeps
-    references to the group; its threads are only joined when the group is freed), and they take
-    the GIL on their own schedule: to run Python future callbacks (comm hooks' ``then``) and to
-    free the Python objects of tensors a finished collective held. A thread that asks for the GIL
-    once the interpreter is finalizing is ended by CPython with pthread_exit(); inside a C++
-    destructor (noexcept) that is std::terminate, "terminate called without an active exception",
-    SIGABRT. On a loaded machine a starved worker can be that late. The test's verdict is already
-    written; nothing left here needs finalizing, so nothing is left for those threads to race.
+    gloo's worker threads outlive destroy_process_group() while anything references the group (DDP
+    does: they are joined when the group is freed, at interpreter shutdown at the earliest), and
+    they take the GIL on their own schedule: to run Python future callbacks (a comm hook's
+    ``then``), and to free the Python objects of the tensors a collective held, after it has
+    already woken its caller. CPython ends a thread that asks for the GIL while the interpreter is
+    finalizing with pthread_exit(); inside C++ (a noexcept destructor) that is std::terminate,
+    "terminate called without an active exception", SIGABRT, after a body that passed. A worker
+    starved on a loaded machine can be that late. The verdict is written by now and nothing here
+    needs finalizing, so the rank skips it (test_dist_harness.py shows the abort it avoids).
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -24,3 +24,11 @@ def test_every_rank_is_reported():
     # the aborted rank: the signal named, and its stack at the abort
     assert "killed by signal SIGABRT" in rank2 and "Fatal Python error: Aborted" in rank2, report
     assert "in each_rank_fails_its_own_way" in rank2, report
+
+
+def test_a_late_python_callback_does_not_abort_a_rank():
+    """Under interpreter finalization, CPython ends a thread that asks for the GIL with
+    pthread_exit(), which inside C++ is std::terminate: with a normal interpreter exit this run
+    kills rank 1 with SIGABRT, "terminate called without an active exception" (issue 18, item 9).
+    The harness's ranks end without finalizing."""
+    run_ranks(2, workers.python_callback_outlives_the_body)
