@@ -1,4 +1,5 @@
-"""Rank bodies of tests/test_dist_harness.py: ranks that fail in each way the harness must report."""
+"""Rank bodies of tests/test_dist_harness.py: ranks that fail in each way the harness must report,
+and ranks that must end cleanly although a gloo thread is still in Python."""
 from __future__ import annotations
 
 import os
