@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lift_kernels as lk
 from dist_harness import gathered, ranks_agree
-from lift_kernels.distributed.broadcast_selection import SelectionFailedElsewhere
+from lift_kernels.distributed import SelectionFailedElsewhere
 from helpers import TinyMLP, make_batch
 
 STEPS = 7  # selections before steps 1, 3 and 6 (update_interval 3)
