@@ -102,6 +102,8 @@ def _wait_all(procs: list, timeout: float, grace: float) -> list[int]:
 
 def _stop(procs: list, ranks: list[int]) -> None:
     """Dumps the stacks of ``ranks`` (faulthandler on SIGUSR1), then kills them."""
+    if not ranks:
+        return
     for r in ranks:
         os.kill(procs[r].pid, signal.SIGUSR1)
     time.sleep(2.0)  # faulthandler writes from the signal handler; give it a moment on a busy machine
@@ -119,8 +121,14 @@ def run_ranks(world: int, fn, *args, timeout: float = TIMEOUT_S, grace: float = 
         procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, logs)) for r in range(world)]
         for p in procs:
             p.start()
-        stuck = _wait_all(procs, timeout, grace)
-        _stop(procs, stuck)
+        try:
+            stuck = _wait_all(procs, timeout, grace)
+            _stop(procs, stuck)
+        finally:  # an interrupted test (Ctrl-C) leaves no rank behind
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
         echo_stderr(logs, world)
         if stuck or any(p.exitcode != 0 for p in procs):
             raise RanksFailed(failure_report(logs, [p.exitcode for p in procs], stuck))
