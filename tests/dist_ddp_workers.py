@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lift_kernels as lk
 from dist_harness import gathered, ranks_agree
+from lift_kernels.distributed import SelectionFailedElsewhere
 from helpers import TinyMLP, make_batch
 
 STEPS = 7  # selections before steps 1, 3 and 6 (update_interval 3)
@@ -99,6 +100,26 @@ def broadcast_makes_ranks_agree(rank, world, out_dir):
     assert all(torch.equal(all_idx[0], i) for i in all_idx)
 
 
+def failed_selection_raises_everywhere(rank, world, out_dir):
+    """A selection that raises on the selecting rank (rank 0) raises on the others too, rather than
+    leaving them in the broadcast; afterwards the ranks are still in step (a collective works)."""
+    torch.manual_seed(0)
+    model = DDP(TinyMLP())
+    opt = lk.LIFTAdamW(model.parameters(), **HP)
+    if rank == 0:
+        def fail(chunk):
+            raise FloatingPointError("injected selection failure")
+        opt.strategy.whole_indices = fail
+    try:
+        _step(model, opt, *make_batch(n=8))
+        raised = None
+    except (FloatingPointError, SelectionFailedElsewhere) as e:
+        raised = type(e).__name__
+    expected = ["FloatingPointError"] + ["SelectionFailedElsewhere"] * (world - 1)
+    assert gathered(raised) == expected
+
+
 def all_checks(rank, world, out_dir):
     trajectories(rank, world, out_dir)
     broadcast_makes_ranks_agree(rank, world, out_dir)
+    failed_selection_raises_everywhere(rank, world, out_dir)

@@ -18,7 +18,8 @@ def test_ddp_and_sparse_hook_reproduce_single_process(tmp_path):
     - plain DDP, DDP with the sparse all-reduce hook (selector lift and gradient): every step equals
       single-process LIFTAdamW on the whole batch, ranks stay bitwise equal, a perturbed rank is
       caught, and the hook's bytes are recorded;
-    - ranks seeded differently agree only through the selection broadcast."""
+    - ranks seeded differently agree only through the selection broadcast;
+    - a selection that raises on the selecting rank raises on every rank (none is left waiting)."""
     run_ranks(2, workers.all_checks, str(tmp_path))
     for selector in ("lift", "gradient"):
         per_step = json.loads((tmp_path / f"bytes_{selector}.json").read_text())

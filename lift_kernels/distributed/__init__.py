@@ -5,12 +5,13 @@ Its LIFTAdamW (optimizer.py, the public ``lk.LIFTAdamW``) is lift_kernels.optim'
 this package's strategy (strategy.py): dependencies point one way, from here to lift_kernels.optim.
 The checkpoint functions (torch.distributed.checkpoint takes a second to import) load on first use.
 """
+from .broadcast_selection import SelectionFailedElsewhere
 from .ddp_hook import SparseAllreduceState, sparse_allreduce, sparse_allreduce_hook
 from .optimizer import LIFTAdamW
 from .strategy import DistributedStrategy
 
-__all__ = ["DistributedStrategy", "LIFTAdamW", "SparseAllreduceState", "load_checkpoint", "save_checkpoint",
-           "sparse_allreduce", "sparse_allreduce_hook"]
+__all__ = ["DistributedStrategy", "LIFTAdamW", "SelectionFailedElsewhere", "SparseAllreduceState",
+           "load_checkpoint", "save_checkpoint", "sparse_allreduce", "sparse_allreduce_hook"]
 
 
 def __getattr__(name: str):
