@@ -11,11 +11,11 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402  (a dependency of transformers and peft)
 
-from lift_kernels.integrations.peft_mask import lift_mask_fn  # noqa: E402
+from lift_kernels.integrations.peft_mask import QUANTIZED_SHIRA_PEFT, lift_mask_fn  # noqa: E402
 from test_hf_integration import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-PEFT_QUANTIZED_SHIRA = Version(peft.__version__) >= Version("0.20")
+PEFT_QUANTIZED_SHIRA = Version(peft.__version__) >= Version(QUANTIZED_SHIRA_PEFT)
 
 
 def shira_model(model, r=2, **mask_options):
@@ -130,9 +130,9 @@ def test_mask_on_a_4bit_base_is_principal_weights_of_the_dequantized_weight():
 
 
 @pytest.mark.skipif(PEFT_QUANTIZED_SHIRA, reason="peft >= 0.20 puts SHiRA on quantized layers")
-def test_old_peft_refuses_a_4bit_base_itself():
+def test_on_old_peft_a_4bit_base_is_refused_naming_the_peft_needed():
     model = quantize_targets(tiny_llama())
-    with pytest.raises(ValueError, match="only the following modules are supported"):
+    with pytest.raises(TypeError, match=r"SHiRA on a quantized Linear4bit needs peft >= 0\.20 \(installed: 0\.1"):
         shira_model(model, r=2, lra_rank=4)
 
 

@@ -8,8 +8,9 @@ the layer. That is LIFT without re-selection (LIFTAdamW with ``update_interval``
 trained by whatever optimizer the PEFT user picks (the SHiRA weights are a dense vector to it).
 
 Quantized bases (bitsandbytes 4-bit and 8-bit, and what else peft dequantizes) are selected from the
-dequantized weight, as LIFT selects from dequant(base) + delta; peft >= 0.20 puts SHiRA on them,
-older peft refuses such layers itself before calling the mask function.
+dequantized weight, as LIFT selects from dequant(base) + delta; peft >= 0.20 puts SHiRA on them.
+Older peft cannot (it mistakes bitsandbytes layers for plain linears and fails later, obscurely), so
+there the mask function refuses a quantized layer with an error naming the peft version needed.
 
 peft is imported only when a quantized layer needs dequantizing (``import lift_kernels`` never does).
 """
@@ -24,6 +25,8 @@ from ..optim.selection import budget, is_int, select, standalone_group
 from ..optim.validation import check_seed
 
 __all__ = ["lift_mask_fn"]
+
+QUANTIZED_SHIRA_PEFT = "0.20"  # the first peft whose SHiRA adapts quantized linears
 
 
 def lift_mask_fn(lra_rank: int = 64, svd: str = "fast", seed: int = 0) -> Callable[..., Tensor]:
@@ -68,8 +71,15 @@ def dense_weight(base_layer: nn.Module) -> Tensor:
     if isinstance(w, Tensor) and type(w) in (Tensor, nn.Parameter) and w.is_floating_point():
         return w.detach()
     # Params4bit / Int8Params (bitsandbytes), HQQ, torchao: peft's own dequantization, as its DoRA uses.
+    import peft
+    from packaging.version import Version
     from peft.utils.integrations import dequantize_module_weight
 
+    if Version(peft.__version__) < Version(QUANTIZED_SHIRA_PEFT):
+        # peft 0.17-0.19 take bitsandbytes' Linear4bit/Linear8bitLt (nn.Linear subclasses) for plain
+        # linears, then fail deep inside SHiRA giving its weights the packed integer dtype.
+        raise TypeError(f"SHiRA on a quantized {type(base_layer).__name__} needs peft >= {QUANTIZED_SHIRA_PEFT} "
+                        f"(installed: {peft.__version__}); upgrade peft, or load the base model unquantized")
     W = dequantize_module_weight(base_layer).detach()
     if W.dim() != 2 or not W.is_floating_point():
         raise TypeError(f"{type(base_layer).__name__}: its weight dequantizes to a {W.dtype} tensor of shape "
