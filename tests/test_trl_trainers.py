@@ -26,7 +26,9 @@ STEPS = 4
 def tiny(tmp_path_factory):
     """(model folder, tokenizer): a 2-layer Llama with a byte-level BPE tokenizer, saved offline."""
     folder = build_tiny_model(str(tmp_path_factory.mktemp("tiny_llama")))
-    return folder, transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as Llama's (no token_type_ids for generate)
+    return folder, tokenizer
 
 
 def load(folder):
