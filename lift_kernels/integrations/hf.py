@@ -10,6 +10,7 @@ gradient outside the selection and ``sparse_grad=True`` keeps the gathered entri
 ``LIFTAdamW.clip_grad_norm_`` itself. It differs from a plain Trainer only for
 ``selector="gradient"`` on the steps that select (the hooks keep the whole gradient for the
 selection, which LIFTAdamW.clip_grad_norm_ makes first and then clips at the new entries).
+:class:`LIFTTrainerMixin` does the same for any Trainer subclass (TRL's trainers).
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ def _lift_optimizer(optimizer) -> LIFTAdamW | None:
     return inner if isinstance(inner, LIFTAdamW) else None
 
 
-class LIFTTrainer(Trainer):
-    """A Trainer whose gradient clipping and norm logging cover LIFTAdamW's gathered gradients.
+class LIFTTrainerMixin:
+    """Makes a Trainer subclass clip, and log the norm, through LIFTAdamW.clip_grad_norm_.
 
-    Every transformers release from 4.57 clips (and, in 5.x, measures the logged norm) through
-    ``self.accelerator.clip_grad_norm_``, inline in the loop (4.x) or in ``_clip_grad_norm`` /
-    ``_get_grad_norm`` (5.x); wrapping that one call covers both.
+    For trainers built on transformers.Trainer (TRL's SFTTrainer, DPOTrainer, GRPOTrainer, ...):
+    ``class LIFTGRPOTrainer(LIFTTrainerMixin, GRPOTrainer): pass``. Every transformers release from
+    4.57 clips (and, in 5.x, measures the logged norm) through ``self.accelerator.clip_grad_norm_``,
+    inline in the loop (4.x) or in ``_clip_grad_norm`` / ``_get_grad_norm`` (5.x); wrapping that one
+    call covers both.
     """
 
     def create_accelerator_and_postprocess(self):
@@ -45,3 +48,7 @@ class LIFTTrainer(Trainer):
             return opt.clip_grad_norm_(max_norm, norm_type)
 
         self.accelerator.clip_grad_norm_ = clip_grad_norm_
+
+
+class LIFTTrainer(LIFTTrainerMixin, Trainer):
+    """A Trainer whose gradient clipping and norm logging cover LIFTAdamW's gathered gradients."""

@@ -225,13 +225,21 @@ class Chunk:
         return topk_flat_indices(self.scores(x), self.k, self.largest)
 
 
+def standalone_group(selector: str = "lift", lra_rank: int = 64, svd: str = "fast", largest: bool = True) -> dict:
+    """The selection options of a selection made outside an optimizer, as a checked group (the
+    budget and interval fields, which such a caller sets itself, hold placeholders)."""
+    group = {"selector": selector, "lra_rank": lra_rank, "svd": svd, "largest": largest, "rank": 1,
+             "density": None, "update_interval": 1}
+    check_selection(group)
+    return group
+
+
 def select(W: Tensor, k: int, *, selector: str = "lift", lra_rank: int = 64, svd: str = "fast",
            largest: bool = True, grad: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Sorted int32 flat indices of the ``k`` entries of W (m, n), or of each matrix of a stack
-    (b, m, n), that ``selector`` picks, outside any optimizer (studies, analysis); ``grad`` is the
-    dense gradient for selectors that score it."""
-    group = {"selector": selector, "lra_rank": lra_rank, "svd": svd, "largest": largest, "rank": 1,
-             "density": None, "update_interval": 1}
+    (b, m, n), that ``selector`` picks, outside any optimizer (studies, analysis, PEFT masks);
+    ``grad`` is the dense gradient for selectors that score it."""
+    group = standalone_group(selector, lra_rank, svd, largest)
     check_selection(group, tuple(W.shape[-2:]), "W")
     if SELECTORS[selector].needs_grad and grad is None:
         raise ValueError(f"selector={selector!r} scores the gradient: pass grad (the dense gradient of W)")
