@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lift_kernels import info, save_delta
+from lift_kernels.build import ensure as ensure_extension
 from . import checkpoint, data, evaluate, methods, model as model_io, report, schedule
 from .features import encode, resolve_style
 from .train import LoopConfig, steps_per_epoch, train
@@ -146,6 +147,7 @@ class Prepared:
 
 def _kernels_line(device: torch.device) -> str:
     """Which lift_kernels build runs: a user (and CI) sees at once whether the compiled extension loaded."""
+    ensure_extension()  # a plain `pip install .` compiles _C on first use: now, so that this line is true
     facts = info()
     ext = facts["extension"]
     built = "compiled extension loaded" if ext["loaded"] else f"compiled extension NOT loaded: {ext['error']}"

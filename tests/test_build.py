@@ -1,8 +1,8 @@
 """Build checks that keep the other build paths from rotting where they cannot run.
 
-- CMakeLists.txt builds the same extension with find_package(Torch), with setup.py's flags: the C++
-  standard torch's cpp_extension picks, -O3, and for CUDA --use_fast_math and exactly the arch list
-  it documents (LIFT_CUDA_ARCHITECTURES).
+- CMakeLists.txt builds the same extension with find_package(Torch), with the flags of
+  lift_kernels/_build_config.py (which setup.py and the first-use build share): the C++ standard
+  torch's cpp_extension picks, and for CUDA exactly the arch list it documents (LIFT_CUDA_ARCHITECTURES).
 - Every csrc/cuda/*.cu compiles with nvcc for sm_90. These kernels include only the CUDA runtime
   and CUB, so they compile on a machine without a GPU or a CUDA build of torch; the torch-facing
   glue (csrc/cuda/*.cpp) builds with a CUDA torch (CI builds it against torch 2.14.1+cu130).
@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lift_kernels import _build_config as config
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-# What torch.utils.cpp_extension (setup.py) compiles with; CMakeLists.txt must agree.
+# The C++ standard torch.utils.cpp_extension (setup.py, the first-use build) compiles with; CMakeLists.txt must agree.
 CXX_STD = "-std=c++20" if TORCH_VERSION >= (2, 13) else "-std=c++17"
 needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 
@@ -66,8 +68,8 @@ def test_cmake_builds_the_extension_with_setup_flags(tmp_path):
     assert len(cpp) == len(list((ROOT / "csrc").glob("*.cpp"))) + len(list((ROOT / "csrc" / "cpu").glob("*.cpp")))
     for c in cpp:
         assert CXX_STD in c["command"].split(), f"{c['file']} is not compiled with {CXX_STD}: {c['command']}"
-        for flag in ("-O3", "-fno-math-errno", "-ffp-contract=off"):  # setup.py's cxx flags
-            assert flag in c["command"].split(), f"{c['file']} lacks setup.py's {flag}: {c['command']}"
+        for flag in config.CXX_FLAGS:  # what setup.py and the first-use build compile with
+            assert flag in c["command"].split(), f"{c['file']} lacks _build_config.py's {flag}: {c['command']}"
     _run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2)])
     assert list(build.rglob("_C*.so")), "cmake built no _C module"
 
@@ -89,7 +91,8 @@ def test_cmake_cuda_build_honours_the_arch_list(tmp_path):
     for c in cu:
         cmd = c["command"]
         assert "arch=compute_90" in cmd and "compute_50" not in cmd, cmd
-        for flag in ("--use_fast_math", "-O3", CXX_STD, "-D__CUDA_NO_HALF_OPERATORS__", "--expt-relaxed-constexpr"):
+        # _build_config.py's nvcc flags, and those torch.utils.cpp_extension adds to every CUDA extension
+        for flag in (*config.NVCC_FLAGS, CXX_STD, "-D__CUDA_NO_HALF_OPERATORS__", "--expt-relaxed-constexpr"):
             assert flag in cmd.split(), f"{c['file']} lacks setup.py's {flag}: {cmd}"
     _run(["cmake", "--build", build, "--target", "_C", "-j", str(os.cpu_count() or 2)])
     assert list(build.rglob("_C*.so"))
@@ -98,5 +101,5 @@ def test_cmake_cuda_build_honours_the_arch_list(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[s.name for s in CUDA_SOURCES])
 def test_cuda_kernel_compiles_for_sm90(source, tmp_path):
-    _run(["nvcc", CXX_STD, "-O3", "--use_fast_math", "-arch=sm_90", "-I", ROOT / "csrc", "-c", source,
+    _run(["nvcc", CXX_STD, *config.NVCC_FLAGS, "-arch=sm_90", "-I", ROOT / "csrc", "-c", source,
           "-o", tmp_path / (source.stem + ".o")])

@@ -19,7 +19,7 @@ def info() -> dict:
         "version": __version__,
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
-        "extension": {"loaded": _ext.EXT is not None, "error": _ext.EXT_ERROR, "kernels": native.kernels()},
+        "extension": {**_ext.describe(), "kernels": native.kernels()},
         "triton": {"usable": triton_ok, "why": triton_why, "interpret": _triton_loader.interpreting()},
         "forced_backend": ops.forced_backend(),
         "forced_by": ops.forced_origin(),  # "LIFT_BACKEND=..." or "use_backend(...)"

@@ -9,9 +9,11 @@ call costs no lookup here.
 
 Defaults: on the CPU ``native`` where _C has the kernel, else the reference; on CUDA ``triton``
 where it has the op (sparse_adamw_step, remap_state) and can run, else ``native``, else the
-reference. ``LIFT_BACKEND=reference|triton|native`` forces one backend for every op it implements
-(the others keep their defaults); where it cannot run, the op raises BackendUnavailableError instead
-of falling back quietly.
+reference. Where _C compiles on first use, ``native`` is registered as a stand-in whose first call
+builds it (load_native) and then registers again with what the build gave.
+``LIFT_BACKEND=reference|triton|native`` forces one backend for every op it implements (the others
+keep their defaults); where it cannot run, the op raises BackendUnavailableError instead of falling
+back quietly.
 
 LIFT_BACKEND is read when lift_kernels is imported (an unknown name fails the import with a
 ValueError that lists the names). ``use_backend(name)`` re-registers at run time:
@@ -153,7 +155,10 @@ class _Registry:
             for dev in devices():
                 try:
                     backend, why = choose(op, dev, forced, from_env)
-                    fn = _kernel(op, backend, dev) or reference_kernel
+                    if backend == "native" and native.pending():
+                        fn, why = self._first_call(op, dev), f"{why}; lift_kernels._C compiles on its first call"
+                    else:
+                        fn = _kernel(op, backend, dev) or reference_kernel
                 except BackendUnavailableError as exc:
                     backend, why, fn = "error", str(exc), _unavailable(exc)
                 kernels[op, dev], choices[op, dev] = fn, (backend, why)
@@ -162,6 +167,14 @@ class _Registry:
             self.lib = torch.library.Library(NAMESPACE, "IMPL")
             for op, dev in kernels:
                 self.lib.impl(op, self._dispatcher(op, dev), _DISPATCH_KEYS[dev])
+
+    def _first_call(self, op: str, dev: str) -> Callable:
+        """Stands for a native kernel until _C is built on first use: builds it (or loads the cached
+        build), registers what runs now (native, or the other backends where the build failed), runs it."""
+        def kernel(*args, **kwargs):
+            load_native()
+            return self.kernels[op, dev](*args, **kwargs)
+        return kernel
 
     def _dispatcher(self, op: str, dev: str) -> Callable:
         def kernel(*args, **kwargs):
@@ -188,6 +201,14 @@ class use_backend:  # noqa: N801  (used like a function, as torch.set_grad_enabl
 
     def __exit__(self, *exc) -> None:
         _REGISTRY.register(*self.previous)
+
+
+def load_native(verbose: bool = False, retry: bool = False) -> bool:
+    """Builds lift_kernels._C now where it compiles on first use (or loads its cached build), then
+    registers the kernels chosen now; True if _C is loaded. The first native kernel call does this."""
+    loaded = native.load(verbose=verbose, retry=retry)
+    _REGISTRY.register(_REGISTRY.forced, _REGISTRY.from_env)
+    return loaded
 
 
 def forced_backend() -> str | None:

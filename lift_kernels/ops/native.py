@@ -2,7 +2,8 @@
 tensors), as functions with their ops' signatures (lift_kernels/ops/library.py).
 
 _C names each kernel ``<kernel>_<device>`` (csrc/ops.cpp); ``kernel(op, device)`` is the function
-lift_kernels.ops.backends registers for an op and a device, or None where _C has none.
+lift_kernels.ops.backends registers for an op and a device, or None where _C has none. Where _C is
+compiled on first use (``pending()``), backends registers a stand-in that runs ``load()`` first.
 """
 from __future__ import annotations
 
@@ -62,10 +63,20 @@ def kernel(op: str, device_type: str) -> Callable | None:
     return functools.partial(adapter, c_fn)
 
 
+def pending() -> bool:
+    """Whether _C is compiled (or loaded from its cache) on the first call of a native kernel."""
+    return _ext.pending()
+
+
+def load(verbose: bool = False, retry: bool = False) -> bool:
+    """Runs that pending build now; True if _C is loaded (lift_kernels/_ext.py)."""
+    return _ext.load(verbose=verbose, retry=retry)
+
+
 def why_not(op: str, device_type: str) -> str | None:
-    """None if _C can run ``op`` on ``device_type`` tensors, else why not."""
+    """None if _C can run ``op`` on ``device_type`` tensors (or is built on first use), else why not."""
     if _ext.EXT is None:
-        return _ext.EXT_ERROR or "lift_kernels._C is not built"
+        return None if _ext.pending() else (_ext.EXT_ERROR or "lift_kernels._C is not built")
     if kernel(op, device_type) is None:
         built = [d for d in ("cpu", "cuda") if kernel(op, d) is not None]
         return (f"lift_kernels._C has no {device_type} kernel for {op} "
