@@ -4,6 +4,10 @@ LIFT's part of the step runs outside the graph (its decisions read each weight's
 dynamo never specializes on a step number; the dense AdamW part is traced as torch.optim's is.
 """
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from torch._dynamo.testing import CompileCounter
 import lift_kernels as lk
 from helpers import TinyMLP, make_batch
 
+HERE = Path(__file__).resolve().parent
 STEPS = 20  # refreshes before steps 1, 10 and 20
 
 
@@ -72,7 +77,7 @@ def _close(model, trajectory, expected):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} at step {t}")
 
 
-def test_inductor_compiled_step_matches_eager():
+def inductor_matches_eager() -> None:
     """With inductor (what torch.compile uses by default), as above."""
     torch._dynamo.reset()
     model, opt, batches = _setup(False)
@@ -81,3 +86,22 @@ def test_inductor_compiled_step_matches_eager():
     trajectory = _run(torch.compile(opt.step), model, opt, batches)
     expected = _run(eager_opt.step, eager_model, eager_opt, batches)
     _close(model, trajectory, expected)
+
+
+def test_inductor_compiled_step_matches_eager(tmp_path):
+    """inductor_matches_eager in a child process with its own inductor cache and one compile thread.
+
+    Inductor compiles C++ on this machine, caches it under /tmp for every later process and, by
+    default, compiles in worker threads; a crash inside torch's compiler (a fatal signal, not an
+    assertion of ours) would otherwise end the whole test session. In a child, a stale cache from
+    another torch cannot reach it, and a crash is this test's failure, with the child's stack.
+    """
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TORCHINDUCTOR_COMPILE_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    code = "import test_compile_step as t; t.inductor_matches_eager(); print('inductor step == eager')"
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (f"the child exited with {run.returncode}"
+                                 f"{' (killed by signal %d)' % -run.returncode if run.returncode < 0 else ''}:\n"
+                                 f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}")
+    assert "inductor step == eager" in run.stdout
