@@ -78,3 +78,33 @@ def test_torch_compile_sees_the_op_in_one_graph():
     packet = torch.ops.lift_kernels.remap_state
     targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert packet in targets or packet.default in targets, targets
+
+
+def _backends_of(op: str) -> list:
+    from lift_kernels.ops import backends
+    params = []
+    for dev in backends.devices():
+        for name in backends.BACKENDS:
+            if not backends.implements(name, op):
+                continue  # triton has no principal_weights: forcing it leaves the op at its default
+            why = backends._why_not(op, name, dev)
+            params.append(pytest.param(name, dev, marks=pytest.mark.skipif(why is not None, reason=str(why)),
+                                       id=f"{name}-{dev}"))
+    return params
+
+
+@pytest.mark.parametrize("backend, device", _backends_of("principal_weights"))
+@pytest.mark.parametrize("svd", ["fast", "exact"])
+def test_principal_weights_of_a_weight_that_requires_grad(backend, device, svd):
+    """A selection has no derivative: on a trainable weight (nn.Linear's, requires_grad=True) every
+    backend selects what it selects from the detached weight, and neither the indices nor the
+    low-rank factors of the fast path require grad or record a graph."""
+    lin = torch.nn.Linear(40, 56).to(device)
+    assert lin.weight.requires_grad
+    with lk.ops.use_backend(backend):
+        idx = lk.principal_weights(lin.weight, 300, 6, svd, generator=torch.Generator(device).manual_seed(4))
+        plain = lk.principal_weights(lin.weight.detach(), 300, 6, svd, generator=torch.Generator(device).manual_seed(4))
+        L, R = torch.ops.lift_kernels._lowrank(lin.weight.unsqueeze(0), 6, 4, 2, 4)
+    assert torch.equal(idx, plain)
+    assert not idx.requires_grad and idx.grad_fn is None
+    assert not L.requires_grad and not R.requires_grad and L.grad_fn is None
