@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import reference
 from ..reference.lowrank import fast_lowrank, work_dtype
-from ..reference.select import SVD_MODES
+from ..reference.select import SVD_MODES, full_rank
 
 NAMESPACE = "lift_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -132,7 +132,8 @@ Args:
     W: one matrix (m, n) or a batch of same-shaped matrices (b, m, n); fp32, bf16, fp16 or fp64
         (computed in fp32, fp64 for fp64).
     k: entries to select per matrix, 0 <= k <= m * n (LIFT's budget: min((m + n) * rank, m * n)).
-    lra_rank: rank of the approximation, 1 <= lra_rank <= min(m, n).
+    lra_rank: rank of the approximation, >= 1. From min(m, n) on, W' is W itself: the selection is
+        then the k largest |W| (no sketch is drawn, whatever ``svd`` says).
     svd: "fast" (randomized block Krylov; agrees with "exact" on >= 0.99 of the entries of real LLM
         weights) or "exact" (full SVD, the definition).
     largest: False selects the k smallest |W'| instead (an ablation).
@@ -153,8 +154,8 @@ def check_principal_weights_args(W: Tensor, k: int, lra_rank: int, svd: str) -> 
     m, n = W.shape[-2:]
     if not 0 <= k <= m * n:
         raise ValueError(f"k must be in [0, m*n] = [0, {m * n}], got {k}")
-    if not 1 <= lra_rank <= min(m, n):
-        raise ValueError(f"lra_rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {lra_rank}")
+    if lra_rank < 1:
+        raise ValueError(f"lra_rank must be >= 1, got {lra_rank}")
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
 
@@ -176,7 +177,7 @@ def _principal_weights_reference(W, k, lra_rank, svd="fast", largest=True, gener
 
 def _principal_weights_fake(W, k, lra_rank, svd="fast", largest=True, generator=None):
     check_principal_weights_args(W, k, lra_rank, svd)
-    if svd == "fast":  # as the compiled kernels do; the reference draws its sketch instead
+    if svd == "fast" and not full_rank(W, lra_rank):  # as the compiled kernels do; the reference draws its sketch
         draw_seed(generator)
     return W.new_empty((*W.shape[:-2], k), dtype=torch.int32)
 
