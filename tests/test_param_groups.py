@@ -71,3 +71,44 @@ def test_tied_weights_are_counted_once():
     groups = lk.lift_param_groups(model, train_other=True)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("first,second", [
+    (dict(), dict()),
+    (dict(target_modules=["q_proj"]), dict(target_modules=["q_proj"])),
+    (dict(target_modules=["q_proj"]), dict(target_modules=["q_proj"], train_other=True)),
+    (dict(target_modules=["q_proj"]), dict(target_modules=["mlp"])),
+])
+def test_a_second_call_gives_the_groups_of_a_first_call_on_a_fresh_model(first, second):
+    """The weights a first call froze are trainable to a second (which names them as targets, or puts
+    them in the dense group): it returns what it returns on an untouched model, with the same flags."""
+    torch.manual_seed(0)
+    model = Tiny()
+    fresh = Tiny()
+    fresh.load_state_dict(model.state_dict())
+    lk.lift_param_groups(model, **first)
+    again, want = lk.lift_param_groups(model, **second), lk.lift_param_groups(fresh, **second)
+    assert [names(g) for g in again] == [names(g) for g in want]
+    assert [g["lift"] for g in again] == [g["lift"] for g in want]
+    assert ([p.requires_grad for p in model.parameters()] == [p.requires_grad for p in fresh.parameters()])
+
+
+def test_weights_the_user_froze_stay_out_of_later_calls():
+    model = Tiny()
+    model.layers[1].q_proj.weight.requires_grad_(False)
+    model.embed.weight.requires_grad_(False)
+    for _ in range(2):
+        groups = lk.lift_param_groups(model, target_modules=["q_proj"], train_other=True)
+        assert names(groups[0]) == ["layers.0.q_proj.weight"]
+        assert "embed.weight" not in names(groups[1])
+    assert not model.layers[1].q_proj.weight.requires_grad and not model.embed.weight.requires_grad
+
+
+@pytest.mark.parametrize("targets,bad", [
+    (["q_proj", "v_prj"], ["v_prj"]),
+    (["qproj", "mlp", "down"], ["qproj", "down"]),
+    (["lm_head", "lm_haed"], ["lm_haed"]),
+])
+def test_every_target_must_match_a_linear(targets, bad):
+    with pytest.raises(ValueError, match=rf"target_modules {bad!r}".replace("[", r"\[").replace("]", r"\]")):
+        lk.lift_param_groups(Tiny(), target_modules=targets)
