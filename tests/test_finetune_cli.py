@@ -245,9 +245,14 @@ def test_rank_that_does_not_fit(tiny_model, tmp_path, method):
     out = tmp_path / "run"
     msg = fail_message(tiny_model, out, "--method", method, "--rank", "11")
     assert "--rank 11 does not fit" in msg and "k_proj.weight (16x32)" in msg and "--rank 10 or less" in msg
-    msg = fail_message(tiny_model, out, "--lra-rank", "17")
-    assert "--lra-rank 17 exceeds" in msg
     assert not out.exists()
+
+
+def test_lra_rank_beyond_a_matrix_selects_by_magnitude(tiny_model, tmp_path):
+    """--lra-rank 17 reaches min(m, n) = 16 of k_proj (16x32): its best rank-17 approximation is
+    itself, so it trains (selected by |W|) instead of being refused."""
+    run_cli(tiny_model, tmp_path / "run", "--lra-rank", "17", "--max-steps", "1", "--max-eval", "1")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
 
 
 def test_batch_larger_than_data(tiny_model, tmp_path):

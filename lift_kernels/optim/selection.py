@@ -81,13 +81,23 @@ def selector(name: str, **options):
     return register
 
 
+def full_rank(shape: tuple[int, ...], lra_rank: int) -> bool:
+    """Whether ``lra_rank`` reaches min(m, n) of matrices of ``shape`` (m, n) or (b, m, n): then the
+    best rank-``lra_rank`` approximation of W is W itself, and LIFT selects by |W| (a 2 x 128
+    classifier head under lra_rank=64, say)."""
+    return lra_rank >= min(shape[-2:])
+
+
 def _principal_weights_op(W: Tensor, k: int, group: dict, generator: torch.Generator) -> Tensor:
     return ops.principal_weights(W, k, group["lra_rank"], group["svd"], group["largest"], generator)
 
 
 @selector("lift", fused=_principal_weights_op)
 def lift(x: Matrices) -> Tensor:
-    """|W'|, W' the best rank-``lra_rank`` approximation of W: the principal weights."""
+    """|W'|, W' the best rank-``lra_rank`` approximation of W: the principal weights (|W| itself
+    when ``lra_rank`` reaches min(m, n))."""
+    if full_rank(x.shape, x.group["lra_rank"]):
+        return x.W.abs()
     L, R = x.lowrank(x.W, x.group["lra_rank"], x.group["svd"], x.generator)
     return (L @ R).abs_()
 
@@ -157,9 +167,6 @@ def check_selection(group: dict, shape: tuple[int, int] | None = None, name: str
     if shape is None:
         return
     m, n = shape
-    if group["selector"] == "lift" and group["lra_rank"] > min(m, n):
-        raise ValueError(f"lra_rank={group['lra_rank']} exceeds min(m, n)={min(m, n)} of {name} "
-                         f"(shape {m}x{n}); lower lra_rank for this group")
     if budget(shape, group["rank"], group["density"]) == 0:
         raise ValueError(f"density={group['density']} selects round({group['density']}*{m}*{n}) = 0 entries "
                          f"of {name} (shape {m}x{n}), which would never be trained; raise density, or "
