@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import lift_kernels as lk
+from lift_kernels.reference import topk_flat_indices
 
 
 class Block(nn.Module):
@@ -112,3 +113,27 @@ def test_weights_the_user_froze_stay_out_of_later_calls():
 def test_every_target_must_match_a_linear(targets, bad):
     with pytest.raises(ValueError, match=rf"target_modules {bad!r}".replace("[", r"\[").replace("]", r"\]")):
         lk.lift_param_groups(Tiny(), target_modules=targets)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_sequence_classification_head_thinner_than_lra_rank_trains_its_largest_weights(sparse):
+    """LlamaForSequenceClassification's 2 x 128 `score` head is a LIFT weight; under lra_rank=64 its
+    best rank-64 approximation is the head itself, so LIFTAdamW selects (and trains) its top-k |W|."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, num_labels=2, pad_token_id=0)
+    model = transformers.LlamaForSequenceClassification(cfg)
+    groups = lk.lift_param_groups(model)
+    head = model.score.weight
+    assert head.shape == (2, 128) and "score.weight" in names(groups[0])
+    opt = lk.LIFTAdamW(groups, lr=1e-2, rank=1, lra_rank=64, sparse_grad=sparse)
+    before = head.detach().clone()
+    ids = torch.randint(1, 32, (3, 6), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 1])).loss.backward()
+    opt.step()
+    k = (2 + 128) * 1
+    want = topk_flat_indices(before.abs(), k)
+    assert torch.equal(opt.state[head]["idx"], want)
+    moved = (head.detach() != before).view(-1).nonzero().view(-1)
+    assert moved.numel() > 0 and bool(torch.isin(moved, want.long()).all())
