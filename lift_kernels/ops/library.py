@@ -177,7 +177,7 @@ def _principal_weights_reference(W, k, lra_rank, svd="fast", largest=True, gener
 
 def _principal_weights_fake(W, k, lra_rank, svd="fast", largest=True, generator=None):
     check_principal_weights_args(W, k, lra_rank, svd)
-    if svd == "fast" and not full_rank(W, lra_rank):  # as the compiled kernels do; the reference draws its sketch
+    if svd == "fast" and not full_rank(W.shape, lra_rank):  # as the compiled kernels do; the reference draws its sketch
         draw_seed(generator)
     return W.new_empty((*W.shape[:-2], k), dtype=torch.int32)
 

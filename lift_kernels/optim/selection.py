@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import ops
 from ..reference import exact_lowrank, fast_lowrank, topk_flat_indices
-from ..reference.select import SVD_MODES
+from ..reference.select import SVD_MODES, full_rank
 from .cpu_threads import run_jobs
 
 # Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
@@ -79,13 +79,6 @@ def selector(name: str, **options):
         SELECTORS[name] = Selector(score, **options)
         return score
     return register
-
-
-def full_rank(shape: tuple[int, ...], lra_rank: int) -> bool:
-    """Whether ``lra_rank`` reaches min(m, n) of matrices of ``shape`` (m, n) or (b, m, n): then the
-    best rank-``lra_rank`` approximation of W is W itself, and LIFT selects by |W| (a 2 x 128
-    classifier head under lra_rank=64, say)."""
-    return lra_rank >= min(shape[-2:])
 
 
 def _principal_weights_op(W: Tensor, k: int, group: dict, generator: torch.Generator) -> Tensor:
