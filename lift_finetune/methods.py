@@ -61,16 +61,14 @@ def target_matrices(model: nn.Module, targets: list[str] | None) -> dict[str, Te
     return dict(zip(groups[0]["param_names"], groups[0]["params"]))
 
 
-def _check_rank(mats: dict[str, Tensor], rank: int, lra_rank: int | None) -> None:
+def _check_rank(mats: dict[str, Tensor], rank: int) -> None:
+    """The budget must fit every matrix (an --lra-rank of min(m, n) or more selects by |W|)."""
     for name, w in mats.items():
         m, n = w.shape
         if rank * (m + n) >= m * n:
             raise MethodError(
                 f"--rank {rank} does not fit {name} ({m}x{n}): the budget (m+n)*rank = {rank * (m + n)} "
                 f"is not below its {m * n} entries; use --rank {(m * n - 1) // (m + n)} or less")
-        if lra_rank is not None and lra_rank > min(m, n):
-            raise MethodError(f"--lra-rank {lra_rank} exceeds min(m, n) = {min(m, n)} of {name} ({m}x{n}); "
-                              f"use --lra-rank {min(m, n)} or less")
 
 
 def _copy_to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -83,7 +81,7 @@ def build(method: str, model: nn.Module, hp: Hyper) -> Setup:
     mats = target_matrices(model, hp.target_modules)
     if method == "full":
         return _full(model, hp)
-    _check_rank(mats, hp.rank, hp.lra_rank if method == "lift" else None)
+    _check_rank(mats, hp.rank)
     if method == "lora":
         return _lora(model, hp, mats)
     groups = lift_param_groups(model, hp.target_modules)

@@ -10,7 +10,7 @@ from finetune_fixtures import build_tiny_model
 from safetensors import safe_open
 
 import lift_kernels as lk
-from lift_finetune import cli
+from lift_finetune import cli, evaluate
 from lift_finetune import train as train_module
 
 # Ranks that fit the tiny model's smallest matrix (k_proj, 16 x 32: at most rank 10).
@@ -64,7 +64,15 @@ def test_outputs_exist_and_parse(tiny_model, tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["lr"] > 0 and r["loss_tokens"] > 0 for r in train_rows)
     assert [r["phase"] for r in rows if r["event"] == "eval"] == ["base", "fine-tuned"]
-    assert len(read_jsonl(out / "predictions.jsonl")) == 12
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert len(predictions) == 12
+    # The summary's accuracies are the predictions' own: each record judged as evaluate judges it,
+    # and each phase's share of correct records is its accuracy.
+    for phase, key in (("base", "accuracy_base"), ("fine-tuned", "accuracy_finetuned")):
+        records = [r for r in predictions if r["phase"] == phase]
+        assert len(records) == 6
+        assert all(r["correct"] == evaluate.is_correct(r["generated"], r["reference"]) for r in records)
+        assert summary[key] == sum(r["correct"] for r in records) / 6
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The delta applied to a fresh base gives exactly the trained weights of the final checkpoint.
@@ -162,6 +170,34 @@ def test_jsonl_data_and_held_out_file(tiny_model, tmp_path):
     assert summary["held_out_examples"] == 4
 
 
+def test_accuracy_of_known_answers(tiny_model, tmp_path, monkeypatch):
+    """Generation patched to give known answers: the base model answers none of the four held-out
+    questions, the fine-tuned model the first three (one of them in words around the number); the
+    summary, metrics and predictions must say exactly 0 and 0.75."""
+    rows = [{"instruction": f"What is {a} plus {a}?", "input": "", "output": f"{a} + {a} = {2 * a}"}
+            for a in range(1, 13)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    held = write_jsonl(tmp_path / "test.jsonl", rows[8:])  # 9..12: answers 18, 20, 22, 24
+    said = {"eval base": ["I do not know", "17", "21", "it is 25"],
+            "eval fine-tuned": ["18", "that makes 20.", "1,2 then 22", "23"]}
+
+    def known(model, tokenizer, examples, style, device, *, desc, **kwargs):
+        assert [evaluate.reference_answer(ex) for ex in examples] == [r["output"] for r in rows[8:]]
+        return list(said[desc])
+
+    monkeypatch.setattr(evaluate, "generate", known)
+    out = tmp_path / "run"
+    run_cli(tiny_model, out, "--data", data, "--eval-data", held, "--max-steps", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_base"] == 0.0 and summary["accuracy_finetuned"] == 0.75
+    evals = {r["phase"]: r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"}
+    assert evals["base"]["accuracy"] == 0.0 and evals["fine-tuned"]["accuracy"] == 0.75
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert [(r["phase"], r["generated"], r["correct"]) for r in predictions] == [
+        *[("base", text, False) for text in said["eval base"]],
+        *[("fine-tuned", text, ok) for text, ok in zip(said["eval fine-tuned"], (True, True, True, False))]]
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_missing_data_file(tiny_model, tmp_path):
     out = tmp_path / "run"
@@ -209,9 +245,14 @@ def test_rank_that_does_not_fit(tiny_model, tmp_path, method):
     out = tmp_path / "run"
     msg = fail_message(tiny_model, out, "--method", method, "--rank", "11")
     assert "--rank 11 does not fit" in msg and "k_proj.weight (16x32)" in msg and "--rank 10 or less" in msg
-    msg = fail_message(tiny_model, out, "--lra-rank", "17")
-    assert "--lra-rank 17 exceeds" in msg
     assert not out.exists()
+
+
+def test_lra_rank_beyond_a_matrix_selects_by_magnitude(tiny_model, tmp_path):
+    """--lra-rank 17 reaches min(m, n) = 16 of k_proj (16x32): its best rank-17 approximation is
+    itself, so it trains (selected by |W|) instead of being refused."""
+    run_cli(tiny_model, tmp_path / "run", "--lra-rank", "17", "--max-steps", "1", "--max-eval", "1")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
 
 
 def test_batch_larger_than_data(tiny_model, tmp_path):

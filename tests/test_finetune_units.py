@@ -80,3 +80,17 @@ def test_schedule_linear_with_warmup():
     assert [schedule.lr_factor("constant", s, 0, 5) for s in range(5)] == [1.0] * 5
     assert schedule.lr_factor("cosine", 0, 0, 10) == 1.0
     assert schedule.warmup_steps(0.03, 32) == 1 and schedule.warmup_steps(100, 32) == 100
+
+
+def test_a_mistyped_target_module_beside_a_matching_one_is_named():
+    """--target-modules q_proj,v_prj: v_prj matches nothing; the run stops naming it (it was ignored)."""
+    from torch import nn
+
+    from lift_finetune.methods import MethodError, target_matrices
+
+    model = nn.Module()
+    model.q_proj, model.v_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+    assert list(target_matrices(model, ["q_proj", "v_proj"])) == ["q_proj.weight", "v_proj.weight"]
+    with pytest.raises(MethodError, match=r"--target-modules: target_modules \['v_prj'\] matched no"):
+        target_matrices(model, ["q_proj", "v_prj"])
+    assert all(p.requires_grad for p in model.parameters())  # the check leaves the model as it was

@@ -17,18 +17,20 @@ from lift_kernels.integrations.hf import LIFTTrainer  # noqa: E402
 from test_hf_integration import dataset, tiny_llama  # noqa: E402
 
 
-def _optimizer(model, sparse):
+def _optimizer(model, sparse, seed=3):
+    """The random selector draws every selection from the seed: a resumed run built with another
+    seed continues exactly only if the checkpoint's selection seed is restored."""
     groups = lk.lift_param_groups(model, train_other=True)
-    return lk.LIFTAdamW(groups, lr=2e-3, rank=2, lra_rank=4, update_interval=2, selector="random", seed=3,
+    return lk.LIFTAdamW(groups, lr=2e-3, rank=2, lra_rank=4, update_interval=2, selector="random", seed=seed,
                         sparse_grad=sparse)
 
 
-def _trainer(model, out, trainer_cls, sparse, max_steps):
+def _trainer(model, out, trainer_cls, sparse, max_steps, seed=3):
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=max_steps,
         max_grad_norm=0.5, logging_steps=1, report_to=[], save_strategy="steps", save_steps=3,
         use_cpu=True, seed=0, disable_tqdm=True)
-    opt = _optimizer(model, sparse)
+    opt = _optimizer(model, sparse, seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.1 * step)
     return transformers_trainer(trainer_cls, model, args, opt, sched)
 
@@ -48,9 +50,10 @@ def test_trainer_resume_from_checkpoint_is_bit_exact(tmp_path, trainer_cls, spar
     first = copy.deepcopy(base)
     _trainer(first, tmp_path / "run", trainer_cls, sparse, max_steps=3).train()  # stops after saving step 3
     resumed = copy.deepcopy(base)  # a new process would start from the base weights
-    trainer = _trainer(resumed, tmp_path / "run", trainer_cls, sparse, max_steps=6)
+    trainer = _trainer(resumed, tmp_path / "run", trainer_cls, sparse, max_steps=6, seed=11)
     trainer.train(resume_from_checkpoint=True)  # the latest checkpoint in output_dir: checkpoint-3
     assert trainer.state.global_step == 6
+    assert trainer.optimizer.optimizer.selection_seed == 3  # the checkpoint's, not the constructor's 11
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 
@@ -59,9 +62,9 @@ def test_trainer_resume_from_checkpoint_is_bit_exact(tmp_path, trainer_cls, spar
 def test_accelerate_save_and_load_state_is_bit_exact(tmp_path, sparse):
     data = dataset(n=12)
 
-    def run(model, steps, load=None, save=None):
+    def run(model, steps, load=None, save=None, seed=3):
         acc = accelerate.Accelerator(cpu=True)
-        opt = _optimizer(model, sparse)
+        opt = _optimizer(model, sparse, seed)
         model, opt = acc.prepare(model, opt)
         if load is not None:
             acc.load_state(str(load))
@@ -80,7 +83,7 @@ def test_accelerate_save_and_load_state_is_bit_exact(tmp_path, sparse):
     straight = run(copy.deepcopy(base), data)
     half = run(copy.deepcopy(base), data[:5], save=tmp_path / "state")  # refresh at 2, 4; saved after 5
     assert not torch.equal(half.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
-    resumed = run(copy.deepcopy(base), data[5:], load=tmp_path / "state")  # load_state restores the weights
+    resumed = run(copy.deepcopy(base), data[5:], load=tmp_path / "state", seed=11)  # restores the weights
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 

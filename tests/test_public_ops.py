@@ -56,8 +56,8 @@ def test_keyword_and_positional_calls_reach_the_op():
     W = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
     assert torch.equal(lk.principal_weights(W, 10, 2, svd="exact"),
                        torch.ops.lift_kernels.principal_weights(W, k=10, lra_rank=2, svd="exact"))
-    with pytest.raises(ValueError, match="lra_rank must be in"):
-        lk.principal_weights(W, k=10, lra_rank=10)
+    with pytest.raises(ValueError, match="lra_rank must be >= 1"):
+        lk.principal_weights(W, k=10, lra_rank=0)
 
 
 def test_torch_compile_sees_the_op_in_one_graph():
@@ -78,3 +78,53 @@ def test_torch_compile_sees_the_op_in_one_graph():
     packet = torch.ops.lift_kernels.remap_state
     targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert packet in targets or packet.default in targets, targets
+
+
+def _backends_of(op: str) -> list:
+    from lift_kernels.ops import backends
+    params = []
+    for dev in backends.devices():
+        for name in backends.BACKENDS:
+            if not backends.implements(name, op):
+                continue  # triton has no principal_weights: forcing it leaves the op at its default
+            why = backends._why_not(op, name, dev)
+            params.append(pytest.param(name, dev, marks=pytest.mark.skipif(why is not None, reason=str(why)),
+                                       id=f"{name}-{dev}"))
+    return params
+
+
+@pytest.mark.parametrize("backend, device", _backends_of("principal_weights"))
+@pytest.mark.parametrize("svd", ["fast", "exact"])
+def test_principal_weights_of_a_weight_that_requires_grad(backend, device, svd):
+    """A selection has no derivative: on a trainable weight (nn.Linear's, requires_grad=True) every
+    backend selects what it selects from the detached weight, and neither the indices nor the
+    low-rank factors of the fast path require grad or record a graph."""
+    lin = torch.nn.Linear(40, 56).to(device)
+    assert lin.weight.requires_grad
+    with lk.ops.use_backend(backend):
+        idx = lk.principal_weights(lin.weight, 300, 6, svd, generator=torch.Generator(device).manual_seed(4))
+        plain = lk.principal_weights(lin.weight.detach(), 300, 6, svd, generator=torch.Generator(device).manual_seed(4))
+        L, R = torch.ops.lift_kernels._lowrank(lin.weight.unsqueeze(0), 6, 4, 2, 4)
+    assert torch.equal(idx, plain)
+    assert not idx.requires_grad and idx.grad_fn is None
+    assert not L.requires_grad and not R.requires_grad and L.grad_fn is None
+
+
+@pytest.mark.parametrize("backend, device", _backends_of("principal_weights"))
+@pytest.mark.parametrize("svd", ["fast", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_principal_weights_at_full_rank_are_the_largest_entries(backend, device, svd, dtype):
+    """lra_rank >= min(m, n): the best rank-lra_rank approximation is W itself, so the selection is the
+    top-k of |W| exactly (a 2 x 128 classifier head at lra_rank 64), not refused and not an
+    approximation's rounding of it; no sketch is drawn from the generator."""
+    W = torch.randn(3, 2, 128, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    W[0, 1, 7] = W[0, 0, 3]  # a tie: the lower flat index wins, as topk_flat_indices breaks it
+    for largest in (True, False):
+        want = lk.reference.topk_flat_indices(W.abs().to(torch.float64), 100, largest)
+        for lra_rank in (2, 64):
+            g = torch.Generator(device).manual_seed(1)
+            with lk.ops.use_backend(backend):
+                got = lk.principal_weights(W, 100, lra_rank, svd, largest, generator=g)
+                one = lk.principal_weights(W[1], 100, lra_rank, svd, largest)
+            assert torch.equal(got, want) and torch.equal(one, want[1])
+            assert torch.equal(g.get_state(), torch.Generator(device).manual_seed(1).get_state())

@@ -107,13 +107,23 @@ def test_scores_of_a_block_of_rows_are_those_rows_of_the_whole_scores(name):
     assert torch.equal(part, whole[:, rows])
 
 
+def test_lift_score_of_a_matrix_thinner_than_lra_rank_is_its_magnitude():
+    """The row-block path (a sharded weight scores its rows) agrees with the op: lra_rank >= min(m, n)
+    scores |W|, with no low-rank factors of a rank the matrix does not have."""
+    W = torch.randn(2, 2, 16)
+    group = selection.standalone_group(lra_rank=8)
+    for rows in (slice(None), slice(0, 1)):
+        x = selection.Matrices(W[:, rows], None, group, torch.Generator().manual_seed(1), shape=tuple(W.shape),
+                               rows=rows)
+        assert torch.equal(selection.SELECTORS["lift"].score(x), W[:, rows].abs())
+
+
 def test_budget_and_its_checks():
     assert selection.budget((10, 20), 2, None) == 60
     assert selection.budget((4, 5), 9, None) == 20  # capped at m*n
     assert selection.budget((10, 20), 2, 0.05) == 10
     options = dict(selector="lift", svd="fast", lra_rank=9, rank=1, density=None, update_interval=5, largest=True)
-    selection.check_selection(options)  # fits a group; a weight of 8x12 is too thin for lra_rank 9
-    with pytest.raises(ValueError, match="lra_rank=9 exceeds min"):
-        selection.check_selection(options, (8, 12), "w")
+    selection.check_selection(options)
+    selection.check_selection(options, (8, 12), "w")  # lra_rank 9 >= min(m, n): selects by |W|
     with pytest.raises(ValueError, match="selects round"):
         selection.check_selection({**options, "selector": "magnitude", "density": 1e-4}, (8, 12), "w")

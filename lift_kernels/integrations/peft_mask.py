@@ -50,11 +50,7 @@ def lift_mask_fn(lra_rank: int = 64, svd: str = "fast", seed: int = 0) -> Callab
         if not is_int(r) or r < 1:
             raise ValueError(f"ShiraConfig r must be an integer >= 1 (the budget r*(m+n) per layer), got {r!r}")
         W = dense_weight(base_layer)
-        m, n = W.shape
-        if lra_rank > min(m, n):
-            raise ValueError(f"lift_mask_fn(lra_rank={lra_rank}) exceeds min(m, n)={min(m, n)} of a {m}x{n} "
-                             f"{type(base_layer).__name__}; lower lra_rank, or leave this layer out of "
-                             "ShiraConfig's target_modules")
+        m, n = W.shape  # an lra_rank >= min(m, n) selects by |W|, as LIFTAdamW does
         idx = select(W, budget((m, n), r, None), selector="lift", lra_rank=lra_rank, svd=svd,
                      generator=torch.Generator().manual_seed(seed))
         like = getattr(base_layer, "weight", W)  # peft's contract: the base weight's dtype and device

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import reference
 from ..reference.lowrank import fast_lowrank, work_dtype
-from ..reference.select import SVD_MODES
+from ..reference.select import SVD_MODES, full_rank
 
 NAMESPACE = "lift_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -29,14 +29,30 @@ OPS: dict[str, Callable] = {}  # every op's name -> its reference kernel (the sc
 DOCS: dict[str, str] = {}  # every public op's name -> its docstring (lift_kernels.ops.public attaches it)
 
 
-def _define(schema: str, reference_fn: Callable, fake: Callable, doc: str | None = None) -> None:
+def _define(schema: str, reference_fn: Callable, fake: Callable, doc: str | None = None,
+            differentiable: bool = True) -> None:
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _lib.impl(name, reference_fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
+    if not differentiable:
+        _lib.impl(name, _below_autograd(name), "Autograd")
     OPS[name] = reference_fn
     if doc is not None:
         DOCS[name] = doc
+
+
+def _below_autograd(name: str) -> Callable:
+    """The Autograd kernel of an op without a derivative (a selection): runs its kernel below autograd,
+    as torch's own kernels of argmax or topk's indices run, so its results never require grad and its
+    kernels may use out= ops on a weight that does. Without it torch's fallback for ops with no
+    autograd formula redispatches with autograd still on for the ops inside the kernel (the native
+    fast path's mm(out=) then refuses a weight with requires_grad=True)."""
+    def kernel(*args, **kwargs):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return getattr(getattr(torch.ops, NAMESPACE), name).default(*args, **kwargs)
+    kernel.__name__ = f"{name}_autograd"
+    return kernel
 
 
 # ----------------------------------------------------------------------------- sparse_adamw_step
@@ -116,7 +132,8 @@ Args:
     W: one matrix (m, n) or a batch of same-shaped matrices (b, m, n); fp32, bf16, fp16 or fp64
         (computed in fp32, fp64 for fp64).
     k: entries to select per matrix, 0 <= k <= m * n (LIFT's budget: min((m + n) * rank, m * n)).
-    lra_rank: rank of the approximation, 1 <= lra_rank <= min(m, n).
+    lra_rank: rank of the approximation, >= 1. From min(m, n) on, W' is W itself: the selection is
+        then the k largest |W| (no sketch is drawn, whatever ``svd`` says).
     svd: "fast" (randomized block Krylov; agrees with "exact" on >= 0.99 of the entries of real LLM
         weights) or "exact" (full SVD, the definition).
     largest: False selects the k smallest |W'| instead (an ablation).
@@ -137,8 +154,8 @@ def check_principal_weights_args(W: Tensor, k: int, lra_rank: int, svd: str) -> 
     m, n = W.shape[-2:]
     if not 0 <= k <= m * n:
         raise ValueError(f"k must be in [0, m*n] = [0, {m * n}], got {k}")
-    if not 1 <= lra_rank <= min(m, n):
-        raise ValueError(f"lra_rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {lra_rank}")
+    if lra_rank < 1:
+        raise ValueError(f"lra_rank must be >= 1, got {lra_rank}")
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
 
@@ -160,14 +177,14 @@ def _principal_weights_reference(W, k, lra_rank, svd="fast", largest=True, gener
 
 def _principal_weights_fake(W, k, lra_rank, svd="fast", largest=True, generator=None):
     check_principal_weights_args(W, k, lra_rank, svd)
-    if svd == "fast":  # as the compiled kernels do; the reference draws its sketch instead
+    if svd == "fast" and not full_rank(W.shape, lra_rank):  # as the compiled kernels do; the reference draws its sketch
         draw_seed(generator)
     return W.new_empty((*W.shape[:-2], k), dtype=torch.int32)
 
 
 _define('principal_weights(Tensor W, int k, int lra_rank, str svd="fast", bool largest=True, '
         "Generator? generator=None) -> Tensor",
-        _principal_weights_reference, _principal_weights_fake, _PRINCIPAL_WEIGHTS_DOC)
+        _principal_weights_reference, _principal_weights_fake, _PRINCIPAL_WEIGHTS_DOC, differentiable=False)
 
 
 # ----------------------------------------------- the compiled principal_weights and its two steps
@@ -188,7 +205,7 @@ def _principal_weights_seeded_fake(W, k, lra_rank, largest, seed):
 
 
 _define("_principal_weights_seeded(Tensor W, int k, int lra_rank, bool largest, int seed) -> Tensor",
-        _principal_weights_seeded_reference, _principal_weights_seeded_fake)
+        _principal_weights_seeded_reference, _principal_weights_seeded_fake, differentiable=False)
 
 
 def _lowrank_reference(W, rank, seed, passes, oversample):
@@ -203,7 +220,7 @@ def _lowrank_fake(W, rank, seed, passes, oversample):
 
 
 _define("_lowrank(Tensor W, int rank, int seed, int passes, int oversample) -> (Tensor, Tensor)",
-        _lowrank_reference, _lowrank_fake)
+        _lowrank_reference, _lowrank_fake, differentiable=False)
 
 
 def _topk_abs_product_reference(L, R, k, largest):
@@ -215,6 +232,6 @@ def _topk_abs_product_fake(L, R, k, largest):
 
 
 _define("_topk_abs_product(Tensor L, Tensor R, int k, bool largest) -> Tensor",
-        _topk_abs_product_reference, _topk_abs_product_fake)
+        _topk_abs_product_reference, _topk_abs_product_fake, differentiable=False)
 
 PUBLIC = ("sparse_adamw_step", "remap_state", "principal_weights")

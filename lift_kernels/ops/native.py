@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..reference.select import full_rank
 from .library import _principal_weights_reference, check_principal_weights_args, draw_seed
 
 
@@ -31,7 +32,7 @@ def _sparse_adamw_step(c_fn, params: list[Tensor], grads: list[Tensor], idxs: li
 
 def _principal_weights(c_fn, W: Tensor, k: int, lra_rank: int, svd: str = "fast", largest: bool = True,
                        generator: torch.Generator | None = None) -> Tensor:
-    if svd == "exact":  # the exact selection is the reference's by definition
+    if svd == "exact" or full_rank(W.shape, lra_rank):  # the reference's by definition (W' = W: top-k of |W|)
         return _principal_weights_reference(W, k, lra_rank, svd, largest, generator)
     check_principal_weights_args(W, k, lra_rank, svd)
     seed = draw_seed(generator)

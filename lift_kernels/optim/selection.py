@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import ops
 from ..reference import exact_lowrank, fast_lowrank, topk_flat_indices
-from ..reference.select import SVD_MODES
+from ..reference.select import SVD_MODES, full_rank
 from .cpu_threads import run_jobs
 
 # Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
@@ -87,7 +87,10 @@ def _principal_weights_op(W: Tensor, k: int, group: dict, generator: torch.Gener
 
 @selector("lift", fused=_principal_weights_op)
 def lift(x: Matrices) -> Tensor:
-    """|W'|, W' the best rank-``lra_rank`` approximation of W: the principal weights."""
+    """|W'|, W' the best rank-``lra_rank`` approximation of W: the principal weights (|W| itself
+    when ``lra_rank`` reaches min(m, n))."""
+    if full_rank(x.shape, x.group["lra_rank"]):
+        return x.W.abs()
     L, R = x.lowrank(x.W, x.group["lra_rank"], x.group["svd"], x.generator)
     return (L @ R).abs_()
 
@@ -157,9 +160,6 @@ def check_selection(group: dict, shape: tuple[int, int] | None = None, name: str
     if shape is None:
         return
     m, n = shape
-    if group["selector"] == "lift" and group["lra_rank"] > min(m, n):
-        raise ValueError(f"lra_rank={group['lra_rank']} exceeds min(m, n)={min(m, n)} of {name} "
-                         f"(shape {m}x{n}); lower lra_rank for this group")
     if budget(shape, group["rank"], group["density"]) == 0:
         raise ValueError(f"density={group['density']} selects round({group['density']}*{m}*{n}) = 0 entries "
                          f"of {name} (shape {m}x{n}), which would never be trained; raise density, or "

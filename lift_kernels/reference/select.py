@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .lowrank import exact_lowrank, fast_lowrank
+from .lowrank import exact_lowrank, fast_lowrank, work_dtype
 
 SVD_MODES = ("exact", "fast")
 
@@ -37,6 +37,14 @@ def topk_flat_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     return out if batched else out[0]
 
 
+def full_rank(shape: tuple[int, ...], lra_rank: int) -> bool:
+    """Whether the rank-``lra_rank`` approximation of matrices of ``shape`` (m, n) or (b, m, n) is the
+    matrix itself: lra_rank >= min(m, n). Its principal weights are then the k largest |W| (a 2 x 128
+    classifier head at lra_rank 64), selected so by every backend and selector path, with no random
+    sketch drawn."""
+    return lra_rank >= min(shape[-2:])
+
+
 def principal_weights(
     W: Tensor,
     k: int,
@@ -48,6 +56,8 @@ def principal_weights(
     """Sorted int32 flat indices of the k largest |W'| entries, W' the rank-``lra_rank`` approximation."""
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
+    if full_rank(W.shape, lra_rank):
+        return topk_flat_indices(W.abs().to(work_dtype(W)), k, largest)
     if svd == "exact":
         L, R = exact_lowrank(W, lra_rank)
     else:
