@@ -54,7 +54,7 @@ if [ "${BENCH_ONLY:-0}" != 1 ]; then
   step tests 120 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
     tests/test_sparse_adamw_step.py tests/test_remap_state.py tests/test_principal_weights.py \
     tests/test_principal_weights_accuracy.py tests/test_lift_adamw_triton.py tests/test_lift_adamw.py \
-    tests/test_master_weights.py tests/test_sparse_grad.py
+    tests/test_master_weights.py tests/test_sparse_grad.py tests/test_smollm2_fixture.py
 fi
 for bench in sparse_adamw_step remap_state; do
   step "bench_$bench" 50 python3 "bench/bench_$bench.py" --out "$OUT/$bench.json"
