@@ -23,26 +23,30 @@ from bench_utils import environment, parser, print_table, write_results
 import lift_kernels as lk
 
 
-def build_model(small: bool, device: str):
+def build_model(small: bool, device: str, seq: int = 512, checkpointing: bool = True):
+    """The 0.94B LLaMA-shaped model (random bf16 weights, initialised on ``device``), or a tiny one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=32000 if not small else 256, hidden_size=2048 if not small else 64,
                       intermediate_size=5504 if not small else 172, num_hidden_layers=16 if not small else 2,
                       num_attention_heads=16 if not small else 4, num_key_value_heads=16 if not small else 4,
-                      max_position_embeddings=512)
+                      max_position_embeddings=seq)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
-    model.gradient_checkpointing_enable()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype=torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.config.use_cache = False
     return model
 
 
-def setup(method: str, model, small: bool):
+def setup(method: str, model, small: bool, update_interval: int = 3):
+    """(model, optimizer) of ``method``: "lift" (sparse gradients), "full" or "lora" (peft)."""
     rank = 2 if small else 128
     if method == "lift":
         groups = lk.lift_param_groups(model)
         return model, lk.LIFTAdamW(groups, lr=1e-4, rank=rank, lra_rank=2 if small else 64,
-                                   update_interval=3, sparse_grad=True)
+                                   update_interval=update_interval, sparse_grad=True)
     if method == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=model.device.type == "cuda")
     from peft import LoraConfig, get_peft_model

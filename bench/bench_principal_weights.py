@@ -120,7 +120,7 @@ def agreement_on_smollm2(device: str, layers: int) -> dict:
     P = smollm2.projections()
     table: dict = {name: {} for name in METHODS}
     for proj in smollm2.SHAPES:
-        W = torch.stack([P[(i, proj)] for i in range(layers)]).to(device)
+        W = torch.stack([P[(i, proj)] for i in smollm2.layers()[:layers]]).to(device)
         k = round(AGREEMENT_DENSITY * W.shape[-2] * W.shape[-1])
         for r in AGREEMENT_RANKS:
             exact = exact_select(W, k, r)
@@ -174,6 +174,8 @@ def main() -> None:
     agreement_layers = 2 if args.small else cfg["layers"] if cpu else smollm2.LAYERS
     with cpu_threads(cfg["threads"][0]) if cpu else contextlib.nullcontext():
         results["agreement_smollm2"] = agreement_on_smollm2(cfg["device"], agreement_layers)
+    # "package": every layer; "fixture": the layers in tests/data (tests/smollm2.py), without the package.
+    results["agreement_smollm2_source"] = smollm2.source()
 
     agreement = results["agreement_smollm2"]
     lift = "lift_kernels op (fast)"

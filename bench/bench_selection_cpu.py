@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", default=None, help="torch thread counts, comma separated (default 1,2)")
     ap.add_argument("--no-neighbour", action="store_true", help="skip the runs beside a busy process")
     args = ap.parse_args()
-    reason = smollm2.missing_reason()
+    reason = smollm2.missing_reason(full=True)
     if reason is not None:
         sys.exit(f"bench_selection_cpu: {reason}")
     layers = args.layers or (1 if args.small else 2)

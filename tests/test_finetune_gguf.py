@@ -16,7 +16,7 @@ from lift_finetune import model as model_io
 @pytest.fixture(scope="module")
 def loaded():
     """(model, tokenizer) and what loading them wrote to stderr."""
-    smollm2.require()
+    smollm2.require(full=True)
     pytest.importorskip("transformers")
     with contextlib.redirect_stderr(io.StringIO()) as err:  # where tqdm draws its bars
         model, tokenizer = model_io.load(model_io.builtin_source(), torch.device("cpu"))

@@ -27,7 +27,8 @@ def test_every_step_is_limited_and_the_sum_fits_the_window(tmp_path):
     steps = _plan(tmp_path)
     names = [s[0] for s in steps]
     assert names[0] == "build" and "tests" in names
-    assert {"bench_sparse_adamw_step", "bench_remap_state", "bench_principal_weights"} <= set(names)
+    assert {"bench_sparse_adamw_step", "bench_remap_state", "bench_principal_weights", "bench_memory",
+            "bench_train"} <= set(names)
     assert sum(s[1] for s in steps) < BUDGET_S, steps
 
 
@@ -38,3 +39,14 @@ def test_tests_do_not_stop_at_the_first_failure_and_report_junit(tmp_path):
     for test_file in cmd.split():
         if test_file.startswith("tests/"):
             assert (ROOT / test_file).exists(), f"gpu_check.sh runs a missing test file {test_file}"
+
+
+def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
+    """Each step writes its files under $OUT by --out or --junitxml; summary.json and log.txt are the script's."""
+    files = {"summary.json", "log.txt"}
+    for _, _, cmd in _plan(tmp_path):
+        for word in cmd.replace("=", " ").split():
+            if word.startswith(str(tmp_path)):
+                files.add(Path(word).relative_to(tmp_path).as_posix())
+    assert "train.json" in files and "tests.xml" in files, files
+    assert len(files) <= 8, sorted(files)
