@@ -101,7 +101,9 @@ def main(argv: list[str]) -> int:
         model, tokenizer = model_io.load(source, torch.device("cpu"))
     except model_io.ModelError as err:
         raise fail(str(err)) from None
-    base = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dim() == 2}
+    changed = _delta_weights(a.delta)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()
+            if (k in changed if changed is not None else v.dim() == 2)}
     try:
         apply_delta(model, a.delta)
     except DeltaError as err:
@@ -113,6 +115,17 @@ def main(argv: list[str]) -> int:
     print(f"lift-finetune export: {a.delta} on {source.name}")
     print(describe(a.output_dir, model_entry, adapter_entry), flush=True)
     return 0
+
+
+def _delta_weights(path: str) -> set[str] | None:
+    """Names of the weights the delta changes (None where its metadata does not list them)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return set(json.loads((f.metadata() or {})["weights"]))
+    except Exception:  # an older or damaged delta: apply_delta says what is wrong with it
+        return None
 
 
 def base_name(source) -> str:

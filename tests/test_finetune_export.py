@@ -121,3 +121,35 @@ def test_export_refuses_another_base(run, tmp_path):
         cli.main(["export", "--delta", str(run / "delta.safetensors"), "--output-dir", str(tmp_path / "y"),
                   "--model", other])
     assert not (tmp_path / "y" / "model").exists()
+
+
+def test_export_on_the_builtin_gguf_base(tmp_path, monkeypatch):
+    """A GGUF base (the built-in SmolLM2, dequantized to fp32): model folder bit-equal, adapter merges back."""
+    import smollm2
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lift_kernels as lk
+    from lift_finetune import model as model_io
+
+    smollm2.require()
+    model, _ = model_io.load(model_io.builtin_source(), torch.device("cpu"))
+    base = {k: v.clone() for k, v in model.state_dict().items() if "down_proj" in k}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers[:3]):
+            w = layer.mlp.down_proj.weight.view(-1)
+            w[i:5000:37] += 1e-3                      # ordinary steps
+            w[7:50:7] = -1e-9 * torch.sign(w[7:50:7])  # weights that crossed zero
+    lk.save_delta(model, base, tmp_path / "delta.safetensors")  # no summary.json beside it: the built-in base
+    assert cli.main(["export", "--delta", str(tmp_path / "delta.safetensors"), "--output-dir", str(tmp_path / "x")]) == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "model")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert_same_weights(loaded, model)
+    config = json.loads((tmp_path / "x" / "peft-adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].endswith(".gguf") and len(config["target_modules"]) == 3
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+    lk.remove_delta(model, tmp_path / "delta.safetensors")
+    merged = PeftModel.from_pretrained(model, str(tmp_path / "x" / "peft-adapter")).merge_and_unload().state_dict()
+    wrong = sum(int((merged[k] != v).sum()) for k, v in tuned.items())
+    assert wrong <= 3 * 7  # at most the crossed entries
