@@ -124,3 +124,25 @@ def test_refuses_what_shira_cannot_hold(tmp_path):
     with pytest.raises(AdapterError, match="use the delta"):
         save_shira_adapter(model, base, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_padding_keeps_signed_zeros_bit_for_bit(tmp_path):
+    """Padding lands on unchanged entries; there -0.0 keeps +0.0 and -0.0 as they are (+0.0 padding would not)."""
+    from peft import PeftModel
+
+    model = tiny_llama()
+    with torch.no_grad():
+        k = model.model.layers[0].self_attn.k_proj.weight.view(-1)  # 16 x 32: r * 48 entries stored
+        k[:200:2] = 0.0
+        k[1:200:2] = -0.0
+    base = {name: v.clone() for name, v in model.state_dict().items()}
+    with torch.no_grad():
+        k[300] += 1e-3                                                     # k_proj: 1 change, the rest padding
+        model.model.layers[1].mlp.down_proj.weight.view(-1)[:300] += 1e-3  # 32 x 64: r = ceil(300 / 96) = 4
+    stats = save_shira_adapter(model, base, tmp_path / "ad")
+    assert stats.r == 4 and stats.padding_entries == 4 * 48 - 1 + 4 * 96 - 300
+    fresh = tiny_llama()
+    fresh.load_state_dict(base)
+    merged = PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(merged[name].view(torch.int32), t.view(torch.int32)), name
