@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint: a checkpoint file, or the latest in --output-dir")
+    r.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUTPUT_DIR/model/: the fine-tuned model as save_pretrained writes it (fp32)")
+    r.add_argument("--peft-adapter", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUTPUT_DIR/peft-adapter/: a PEFT SHiRA adapter (lift, magnitude, random)")
     r.add_argument("--device", default=None, help="cpu, or an accelerator such as cuda:0 (default: the accelerator if any)")
     for action in p._actions:  # fixed defaults into the help; device-dependent ones say so in their text
         if action.default not in (None, argparse.SUPPRESS) and action.help and "default" not in action.help:
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         _reexec_with_passive_openmp(argv)
+    if argv[:1] == ["export"]:  # lift-finetune export --delta D --output-dir O [--model M]
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     args = parse(argv)
     from .run import run  # imports transformers; after parsing so --help stays fast
 

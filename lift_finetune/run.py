@@ -15,7 +15,7 @@ import torch
 
 from lift_kernels import info, save_delta
 from lift_kernels.build import ensure as ensure_extension
-from . import checkpoint, data, evaluate, methods, model as model_io, report, schedule
+from . import checkpoint, data, evaluate, export, methods, model as model_io, report, schedule
 from .features import encode, resolve_style
 from .train import LoopConfig, steps_per_epoch, train
 
@@ -248,6 +248,16 @@ class _PhaseClock:
 def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, history, final_eval) -> dict:
     out, base_eval = args.output_dir, prep.base_eval
     stats = save_delta(tuned, prep.setup.base, os.path.join(out, "delta.safetensors"))
+    model_entry = adapter_entry = None
+    if args.save_model:
+        model_entry = export.save_model_folder(tuned, prep.tokenizer, os.path.join(out, "model"))
+    if args.peft_adapter:
+        if args.method in ("full", "lora"):
+            adapter_entry = {"path": None, "skipped": f"--method {args.method} changes every entry of its weights, "
+                                                      "more than a SHiRA adapter holds"}
+        else:
+            adapter_entry = export.save_adapter(tuned, prep.setup.base, os.path.join(out, "peft-adapter"),
+                                                export.base_name(prep.source))
     evals = [{k: v for k, v in e.items() if k != "records"} for e in (base_eval, final_eval)]
     report.write_metrics(os.path.join(out, "metrics.jsonl"), history, evals)
     report.write_jsonl(os.path.join(out, "predictions.jsonl"),
@@ -264,6 +274,7 @@ def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, hist
         "wall_seconds": round(clock.total(), 2), "phase_seconds": clock.phases,
         "delta": {"path": "delta.safetensors", "bytes": stats.file_bytes, "changed_entries": stats.entries,
                   "tensors": stats.tensors, "model_bytes": stats.model_bytes, "ratio": stats.ratio},
+        "model_folder": model_entry, "peft_adapter": adapter_entry,
         "args": vars(args),
     }
     report.write_json(os.path.join(out, "summary.json"), summary)
@@ -275,6 +286,7 @@ def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, hist
           f"delta: {os.path.join(out, 'delta.safetensors')} {report.human_bytes(stats.file_bytes)} = "
           f"{100 * stats.ratio:.2f}% of the model's {report.human_bytes(stats.model_bytes)} "
           f"({stats.entries:,} changed entries in {stats.tensors} tensors)\n"
-          f"metrics: {os.path.join(out, 'metrics.jsonl')}, loss curve: {os.path.join(out, 'loss_curve.png')}",
+          + (export.describe(out, model_entry, adapter_entry) + "\n" if model_entry or adapter_entry else "")
+          + f"metrics: {os.path.join(out, 'metrics.jsonl')}, loss curve: {os.path.join(out, 'loss_curve.png')}",
           flush=True)
     return summary
