@@ -10,6 +10,7 @@ Sources and compile flags for both: lift_kernels/_build_config.py.
 
 Switches (environment):
   LIFT_NO_NATIVE=1  no native extension and no sources in the package (pure Python: reference + Triton ops)
+  LIFT_NO_OPENMP=1  build without OpenMP (the CPU kernels then run on one thread; clang always does)
   LIFT_NO_CUDA=1    build only the CPU kernels even where torch has CUDA and nvcc is found
   TORCH_CUDA_ARCH_LIST  as usual for torch extensions (e.g. "9.0" for the H100)
 """
@@ -51,16 +52,19 @@ def native_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = config.cuda_wanted(torch, CUDA_HOME)
+    omp_cxx, omp_link, omp_note = config.openmp(os.path.join(os.path.dirname(torch.__file__), "lib"))
+    print(f"lift_kernels: {omp_note}")
+    cxx_flags, link_flags = config.CXX_FLAGS + omp_cxx, config.LINK_FLAGS + omp_link
     sources = [os.path.relpath(p, ROOT) for p in config.sources(os.path.join(ROOT, "csrc"), with_cuda)]
     if with_cuda:
         ext = CUDAExtension("lift_kernels._C", sources, define_macros=list(config.CUDA_DEFINES.items()),
-                            extra_compile_args={"cxx": config.CXX_FLAGS, "nvcc": config.NVCC_FLAGS},
-                            extra_link_args=config.LINK_FLAGS)
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": config.NVCC_FLAGS},
+                            extra_link_args=link_flags)
     else:
         print("lift_kernels: building the CPU kernels only "
               f"(torch CUDA: {torch.version.cuda}, CUDA_HOME: {CUDA_HOME})")
-        ext = CppExtension("lift_kernels._C", sources, extra_compile_args={"cxx": config.CXX_FLAGS},
-                           extra_link_args=config.LINK_FLAGS)
+        ext = CppExtension("lift_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -50,7 +50,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--rank", type=int, default=None,
                     help="LIFT rank: k = (m+n)*rank (default 128 for llama2-7b, 16 for smollm2-135m, --small 2)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes, comma separated")
-    ap.add_argument("--threads", default="1,2", help="CPU only: torch thread counts to time, comma separated")
+    ap.add_argument("--threads", default="1,2", help="CPU only: torch thread counts to time, comma separated "
+                    "('default': torch's own count at start, torch.get_num_threads())")
     ap.add_argument("--repeats", type=int, default=7, help="CPU only: timed runs per measurement (median)")
     return ap
 
@@ -63,7 +64,9 @@ def settings(args) -> dict:
     cfg = {"model": model, "layers": args.layers or (1 if small else layers), "rank": args.rank or (2 if small else rank),
            "shrink": shrink if small else 1, "dtypes": args.dtypes.split(","), "device": device}
     if device == "cpu":
-        cfg.update(threads=[int(t) for t in args.threads.split(",")], repeats=args.repeats)
+        default = torch.get_num_threads()
+        cfg.update(threads=[default if t == "default" else int(t) for t in args.threads.split(",")],
+                   default_threads=default, repeats=args.repeats)
     return cfg
 
 

@@ -29,6 +29,11 @@ std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Ten
 // (principal_weights.h), the same code on every device.
 at::Tensor principal_weights_cpu(const at::Tensor& W, int64_t k, int64_t lra_rank, bool largest, int64_t seed);
 at::Tensor topk_abs_product_cpu(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest);
+// csrc/cpu/threads_cpu.cpp: _OPENMP of the build (0 without OpenMP), and the number of threads
+// at::parallel_for runs from _C (1 without OpenMP, else torch.get_num_threads()).
+int64_t openmp_version();
+int64_t parallel_for_threads();
+
 #ifdef LIFT_WITH_CUDA
 at::Tensor principal_weights_cuda(const at::Tensor& W, int64_t k, int64_t lra_rank, bool largest, int64_t seed);
 at::Tensor topk_abs_product_cuda(const at::Tensor& L, const at::Tensor& R, int64_t k, bool largest);

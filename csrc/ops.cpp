@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("principal_weights_cpu", &lift::principal_weights_cpu, no_gil);
   m.def("topk_abs_product_cpu", &lift::topk_abs_product_cpu, no_gil);
   m.def("lowrank_cpu", &lift::lowrank_op, no_gil);
+  // how the CPU kernels run in parallel (lk.info()["extension"])
+  m.def("openmp_version", &lift::openmp_version);
+  m.def("parallel_for_threads", &lift::parallel_for_threads, no_gil);
 #ifdef LIFT_WITH_CUDA
   m.def("principal_weights_cuda", &lift::principal_weights_cuda, no_gil);
   m.def("topk_abs_product_cuda", &lift::topk_abs_product_cuda, no_gil);

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
 
 # No -std flag: torch.utils.cpp_extension adds the C++ standard the installed torch's headers
 # require (C++17 up to 2.12, C++20 from 2.13; >= 2.14 refuses anything older than C++20).
@@ -20,6 +22,46 @@ CXX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 LINK_FLAGS: list[str] = []
 CUDA_DEFINES = {"LIFT_WITH_CUDA": "1"}  # csrc/ops.cpp binds the CUDA kernels only with it
+
+# OpenMP: at::parallel_for in ATen's headers runs threads only where the including file is compiled
+# with OpenMP; otherwise it is a plain loop and every CPU kernel runs on one core. torch's Linux wheels
+# are built with GCC's OpenMP and ship that runtime (torch/lib/libgomp.so.1), so _C is compiled with
+# -fopenmp and linked against that very file, never the compiler's own: one OpenMP runtime, one thread
+# pool and one torch.set_num_threads for the whole process.
+OPENMP_CXX_FLAGS = ["-fopenmp"]
+OPENMP_RUNTIMES = ("libgomp.so.1", "libgomp.so", "libgomp.dylib")  # in torch/lib, by preference
+
+
+def _compiler_version(cxx: str) -> str:
+    path = shutil.which(cxx)
+    if path is None:
+        return ""
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def openmp(torch_lib: str, cxx: str | None = None) -> tuple[list[str], list[str], str]:
+    """(compile flags, link flags, what was decided) for OpenMP in _C, built by the C++ compiler ``cxx``
+    (default: $CXX, else c++, as torch.utils.cpp_extension) against the torch whose library folder is
+    ``torch_lib``. GCC: -fopenmp and torch's own libgomp by path. Clang's -fopenmp emits calls into
+    LLVM's runtime (libomp), a second runtime beside torch's libgomp, so clang builds without OpenMP
+    (the kernels then run on one thread), as does a torch that ships no libgomp; LIFT_NO_OPENMP=1 too."""
+    cxx = cxx or os.environ.get("CXX", "c++")
+    if os.environ.get("LIFT_NO_OPENMP", "0") == "1":
+        return [], [], "LIFT_NO_OPENMP=1: built without OpenMP; the CPU kernels run on one thread"
+    version = _compiler_version(cxx)
+    if "clang" in version.lower():
+        return [], [], (f"{cxx} is clang, whose OpenMP runtime (libomp) is not torch's (libgomp): built without "
+                        "OpenMP, so the CPU kernels run on one thread; build with GCC (CXX=g++) for threads")
+    runtime = next((os.path.join(torch_lib, name) for name in OPENMP_RUNTIMES
+                    if os.path.exists(os.path.join(torch_lib, name))), None)
+    if runtime is None:
+        return [], [], (f"torch ships no libgomp in {torch_lib}: built without OpenMP, so the CPU kernels "
+                        "run on one thread")
+    return list(OPENMP_CXX_FLAGS), [runtime], f"OpenMP: -fopenmp, linked against torch's {runtime}"
+
 
 # Relative to the csrc folder (the repository's csrc/, or lift_kernels/_csrc/ in a wheel).
 CPU_SOURCES = ("*.cpp", "cpu/*.cpp")

@@ -68,6 +68,11 @@ def load(verbose: bool = False, retry: bool = False) -> bool:
 def describe() -> dict:
     """For lk.info(): where _C comes from, or why it is not loaded, or when it will be built."""
     facts = {"loaded": EXT is not None, "source": SOURCE, "path": PATH, "error": EXT_ERROR}
+    if EXT is not None and hasattr(EXT, "openmp_version"):
+        # _OPENMP of the build (0: without OpenMP, the CPU kernels run on one thread) and the threads
+        # at::parallel_for starts from _C now (torch.get_num_threads() where built with OpenMP)
+        facts["openmp_version"] = EXT.openmp_version()
+        facts["parallel_for_threads"] = EXT.parallel_for_threads()
     if _pending is not None:
         facts["pending"] = (f"compiled on the first call of a native kernel ({_pending}), cached under "
                             f"{_jit.cache_root()}; `python -m lift_kernels.build` compiles it now")

@@ -120,7 +120,10 @@ class Plan:
 
     def cflags(self) -> tuple[list[str], list[str]]:
         defines = [f"-D{k}={v}" for k, v in config.CUDA_DEFINES.items()] if self.with_cuda else []
-        return config.CXX_FLAGS + defines, config.NVCC_FLAGS + defines
+        return config.CXX_FLAGS + self.facts["openmp"][0] + defines, config.NVCC_FLAGS + defines
+
+    def ldflags(self) -> list[str]:
+        return list(config.LINK_FLAGS) + self.facts["openmp"][1]
 
 
 def plan() -> Plan:
@@ -128,6 +131,7 @@ def plan() -> Plan:
     if csrc is None:
         raise BuildError("lift_kernels was installed without its C++ sources (LIFT_NO_NATIVE=1 when it was built)")
     with_cuda, archs, nvcc = _cuda()
+    omp_cxx, omp_link, omp_note = config.openmp(os.path.join(os.path.dirname(torch.__file__), "lib"))
     digest = hashlib.sha256()
     for rel in config.source_files(str(csrc)):
         digest.update(rel.encode() + b"\0" + (csrc / rel).read_bytes() + b"\0")
@@ -135,6 +139,7 @@ def plan() -> Plan:
         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_archs": archs, "nvcc": nvcc,
         "python": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('SOABI')}", "compiler": _compiler(),
         "flags": [config.CXX_FLAGS, config.NVCC_FLAGS, config.LINK_FLAGS, config.CUDA_DEFINES],
+        "openmp": [omp_cxx, omp_link, omp_note],
         "sources": digest.hexdigest(),
     }
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
@@ -186,7 +191,7 @@ def _compile(p: Plan, why: str, verbose: bool) -> ModuleType:
     cpu_seconds = COMPILE_CPU_SECONDS["cuda" if p.with_cuda else "cpu"]
     minutes = max(1, round(cpu_seconds / min(os.cpu_count() or 1, len(sources)) / 60))
     print(f"lift_kernels: building lift_kernels._C for torch {torch.__version__} ({why}; about {minutes} min "
-          f"on {os.cpu_count()} cores), cached in {p.folder}", file=sys.stderr, flush=True)
+          f"on {os.cpu_count()} cores), cached in {p.folder}; {p.facts['openmp'][2]}", file=sys.stderr, flush=True)
     # torch finds ninja on PATH; an unactivated venv's bin, where pip put it, is not on PATH.
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([_ninja_bin(), os.path.dirname(sys.executable), path])
@@ -194,7 +199,7 @@ def _compile(p: Plan, why: str, verbose: bool) -> ModuleType:
     cflags, cuda_cflags = p.cflags()
     try:
         module = cpp_extension.load(NAME, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
-                                    extra_ldflags=list(config.LINK_FLAGS), build_directory=str(p.folder),
+                                    extra_ldflags=p.ldflags(), build_directory=str(p.folder),
                                     with_cuda=p.with_cuda, verbose=verbose)
     except Exception as exc:
         log = f"{type(exc).__name__}: {exc}"

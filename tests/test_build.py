@@ -75,6 +75,22 @@ def test_cmake_builds_the_extension_with_setup_flags(tmp_path):
 
 
 @needs_cmake
+def test_cmake_compiles_with_openmp_as_setup_does(tmp_path):
+    """CMakeLists.txt mirrors _build_config.openmp(): -fopenmp and torch's libgomp with GCC, neither
+    with clang (it says so)."""
+    build = tmp_path / "cmake-build"
+    commands = _configure(build)
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    cxx_flags, link_flags, _ = config.openmp(torch_lib)
+    for c in (c for c in commands if c["file"].endswith(".cpp")):
+        assert ("-fopenmp" in c["command"].split()) == bool(cxx_flags), c["command"]
+    link = next(build.rglob("link.txt")).read_text()
+    for lib in link_flags:  # torch's libgomp, by path
+        assert lib in link, link
+    assert ("libgomp" in link or "-fopenmp" in link) == bool(cxx_flags), link
+
+
+@needs_cmake
 @pytest.mark.skipif(torch.version.cuda is None, reason="the CUDA glue needs a CUDA build of torch")
 @pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (set CUDA_HOME)")
 def test_cmake_cuda_build_honours_the_arch_list(tmp_path):
