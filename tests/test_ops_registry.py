@@ -9,6 +9,7 @@ import torch
 from lift_kernels import ops
 from lift_kernels.ops import library, use_backend
 from lift_kernels.ops.backends import BACKENDS, BackendUnavailableError, implements
+from lift_kernels.reference.moment_codes import EXP_AVG_BOOK, EXP_AVG_SQ_BOOK, quantize_blockwise
 from helpers import TinyMLP, backend_trajectory
 
 lk_ops = torch.ops.lift_kernels
@@ -32,6 +33,24 @@ def _step_case(dtype, masters: bool, gathered: bool):
     return (params, grads, idxs, ms, vs, mas if masters else None), HP
 
 
+def _step8bit_case(dtype, masters: bool, gathered: bool):
+    """Moments as codes and block scales; 301 entries span two blocks of 256."""
+    (params, grads, idxs, ms, vs, mas), hp = _step_case(dtype, masters, gathered)
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(31, 17, generator=g).to(dtype)
+    idx = torch.randperm(31 * 17, generator=g)[:301].sort().values.to(torch.int32)
+    params, idxs = params + [p], idxs + [idx]
+    grads = grads + [torch.randn(301 if gathered else (31, 17), generator=g).to(dtype)]
+    ms, vs = ms + [torch.randn(301, generator=g)], vs + [torch.rand(301, generator=g)]
+    if masters:
+        mas = mas + [p.view(-1)[idx.long()].float()]
+    m_q = [quantize_blockwise(m, EXP_AVG_BOOK) for m in ms]
+    v_q = [quantize_blockwise(v, EXP_AVG_SQ_BOOK) for v in vs]
+    args = (params, grads, idxs, [c for c, _ in m_q], [s for _, s in m_q], [c for c, _ in v_q], [s for _, s in v_q],
+            mas if masters else None)
+    return args, {**hp, "exp_avg_book": EXP_AVG_BOOK, "exp_avg_sq_book": EXP_AVG_SQ_BOOK}
+
+
 def _remap_case(dtype):
     old = torch.tensor([1, 4, 6, 9, 20, 33, 40], dtype=torch.int32)
     new = torch.tensor([0, 4, 9, 21, 33], dtype=torch.int32)
@@ -45,6 +64,9 @@ def _w(dtype, *shape):
 # (op, id, args and kwargs, which opcheck utils: None = all)
 SAMPLES = [
     *[("sparse_adamw_step", f"{name}_masters{m}_gathered{gathered}", _step_case(dt, m, gathered), None)
+      for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for m in (False, True)
+      for gathered in (False, True) if dt == torch.bfloat16 or not m],
+    *[("sparse_adamw8bit_step", f"{name}_masters{m}_gathered{gathered}", _step8bit_case(dt, m, gathered), None)
       for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for m in (False, True)
       for gathered in (False, True) if dt == torch.bfloat16 or not m],
     ("remap_state", "fp32", _remap_case(torch.float32), None),

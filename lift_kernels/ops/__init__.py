@@ -14,6 +14,7 @@ from .backends import BACKENDS, BackendUnavailableError, chosen, forced_backend,
 from .public import public
 
 sparse_adamw_step = public("sparse_adamw_step")
+sparse_adamw8bit_step = public("sparse_adamw8bit_step")
 remap_state = public("remap_state")
 principal_weights = public("principal_weights")
 
@@ -22,4 +23,4 @@ OPS = library.PUBLIC
 use_backend()  # LIFT_BACKEND as set when lift_kernels is imported
 
 __all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "chosen", "forced_backend", "forced_origin",
-           "principal_weights", "remap_state", "sparse_adamw_step", "use_backend"]
+           "principal_weights", "remap_state", "sparse_adamw8bit_step", "sparse_adamw_step", "use_backend"]

@@ -94,6 +94,41 @@ _define("sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, T
         reference.sparse_adamw_step, _sparse_adamw_step_fake, _SPARSE_ADAMW_STEP_DOC)
 
 
+# ------------------------------------------------------------------------ sparse_adamw8bit_step
+_SPARSE_ADAMW8BIT_STEP_DOC = """AdamW on the selected entries of a bucket of weights, moments held in 8 bits, in place.
+
+As ``sparse_adamw_step``, with each weight's two moments stored as uint8 codes (length k_i) and fp32
+scales, one per block of 256 consecutive entries (ceil(k_i / 256)): the moment of entry j reads back
+as ``book[code[j]] * scale[j // 256]``. Per weight and step: read the moments back, take the fp32
+AdamW step (the update uses the new moments before they are rounded), store the new moments: each
+block's scale is its largest |value|, each code the nearest book value of value / scale (ties to
+the lower code). lift_kernels.reference.moment_codes defines the books and the rounding.
+
+Args:
+    params, grads, idxs, masters, step, lr, beta1, beta2, eps, weight_decay: as ``sparse_adamw_step``.
+    exp_avg_codes, exp_avg_sq_codes: per weight, uint8 codes of the first and second moments (k_i,).
+        Updated in place.
+    exp_avg_scales, exp_avg_sq_scales: per weight, fp32 block scales (ceil(k_i / 256),). Updated in place.
+    exp_avg_book, exp_avg_sq_book: the two code books, sorted fp32 (256,), on the weights' device.
+
+Returns None. Every backend agrees with lift_kernels.reference.sparse_adamw8bit_step to the rounding
+of the fp32 arithmetic (a code may differ by one where a value falls on a rounding boundary).
+"""
+
+
+def _sparse_adamw8bit_step_fake(params, grads, idxs, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes,
+                                exp_avg_sq_scales, masters=None, *, exp_avg_book, exp_avg_sq_book, step, lr,
+                                beta1, beta2, eps, weight_decay):
+    return None  # updates its arguments in place, returns nothing
+
+
+_define("sparse_adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idxs, Tensor(b!)[] exp_avg_codes, "
+        "Tensor(c!)[] exp_avg_scales, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_scales, "
+        "Tensor(f!)?[]? masters=None, *, Tensor exp_avg_book, Tensor exp_avg_sq_book, int step, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay) -> ()",
+        reference.sparse_adamw8bit_step, _sparse_adamw8bit_step_fake, _SPARSE_ADAMW8BIT_STEP_DOC)
+
+
 # ----------------------------------------------------------------------------------- remap_state
 _REMAP_STATE_DOC = """Carry per-entry optimizer state from one selection of a weight to the next.
 
@@ -234,4 +269,4 @@ def _topk_abs_product_fake(L, R, k, largest):
 _define("_topk_abs_product(Tensor L, Tensor R, int k, bool largest) -> Tensor",
         _topk_abs_product_reference, _topk_abs_product_fake, differentiable=False)
 
-PUBLIC = ("sparse_adamw_step", "remap_state", "principal_weights")
+PUBLIC = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state", "principal_weights")

@@ -8,12 +8,14 @@ from .lowrank import exact_lowrank, fast_lowrank
 from .remap import remap_state
 from .select import principal_weights, topk_flat_indices
 from .sparse_adamw import sparse_adamw_step
+from .sparse_adamw8bit import sparse_adamw8bit_step
 
 __all__ = [
     "exact_lowrank",
     "fast_lowrank",
     "principal_weights",
     "remap_state",
+    "sparse_adamw8bit_step",
     "sparse_adamw_step",
     "topk_flat_indices",
 ]
