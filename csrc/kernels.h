@@ -22,6 +22,16 @@ void sparse_adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vec
                            const std::vector<std::optional<at::Tensor>>& masters, int64_t step, double lr,
                            double beta1, double beta2, double eps, double weight_decay);
 
+// sparse_adamw8bit_step: moments as uint8 codes and fp32 block scales (csrc/cpu/sparse_adamw8bit_step_cpu.cpp).
+void sparse_adamw8bit_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                               const std::vector<at::Tensor>& idxs, const std::vector<at::Tensor>& exp_avg_codes,
+                               const std::vector<at::Tensor>& exp_avg_scales,
+                               const std::vector<at::Tensor>& exp_avg_sq_codes,
+                               const std::vector<at::Tensor>& exp_avg_sq_scales,
+                               const std::vector<std::optional<at::Tensor>>& masters, const at::Tensor& exp_avg_book,
+                               const at::Tensor& exp_avg_sq_book, int64_t step, double lr, double beta1,
+                               double beta2, double eps, double weight_decay);
+
 std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Tensor& new_idx,
                                         const std::vector<at::Tensor>& states);
 

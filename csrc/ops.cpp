@@ -17,6 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels run without the GIL: the selection may run buckets on several Python threads.
   const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("sparse_adamw_step_cpu", &lift::sparse_adamw_step_cpu, no_gil);
+  m.def("sparse_adamw8bit_step_cpu", &lift::sparse_adamw8bit_step_cpu, no_gil);
   m.def("remap_state_cpu", &lift::remap_state_cpu, no_gil);
   m.def("principal_weights_cpu", &lift::principal_weights_cpu, no_gil);
   m.def("topk_abs_product_cpu", &lift::topk_abs_product_cpu, no_gil);

@@ -60,6 +60,20 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _adamw(w, m, v, g, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps):
+    """(weight, exp_avg, exp_avg_sq) after one step, fp32. torch.optim.AdamW's single-tensor
+    arithmetic, operation by operation, in fp32 with IEEE rounding (the kernels are memory bound, so
+    exact sqrt and division cost nothing). Shared with sparse_adamw8bit_step.py."""
+    w = w * decay
+    # torch.lerp switches formula at weight 0.5 so that it is exact at both ends; follow it
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
+    v = v * beta2 + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w + (-step_size) * tl.div_rn(m, denom)
+    return w, m, v
+
+
+@triton.jit
 def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, j, k,
                     decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
                     GATHERED_GRAD: tl.constexpr, MASTER: tl.constexpr, MASKED: tl.constexpr,
@@ -84,14 +98,8 @@ def _update_entries(param_ptr, grad_ptr, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, m
     else:
         w = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
 
-    # torch.optim.AdamW's single-tensor arithmetic, operation by operation, in fp32 with IEEE
-    # rounding (the kernel is memory bound, so exact sqrt and division cost nothing).
-    w = w * decay
-    # torch.lerp switches formula at weight 0.5 so that it is exact at both ends; follow it
-    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
-    v = v * beta2 + one_minus_beta2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    w = w + (-step_size) * tl.div_rn(m, denom)
+    w, m, v = _adamw(w, m, v, g, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
+                     step_size, eps)
 
     tl.store(exp_avg_ptr + j, m, mask=mask)
     tl.store(exp_avg_sq_ptr + j, v, mask=mask)
@@ -202,6 +210,13 @@ def _pointer_table(weights: list[tuple[Tensor, ...]], device: torch.device,
 
 
 # ------------------------------------------------------------------------------------ the op
+def hyper_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> tuple:
+    """The scalar arguments of ``_adamw`` after its tensors: what torch.optim.AdamW derives from the
+    hyperparameters, in double precision."""
+    return (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
+            math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step), eps)
+
+
 def _check(p: Tensor, g: Tensor, idx: Tensor, m: Tensor, v: Tensor, master: Tensor | None) -> None:
     if p.dtype not in _WEIGHT_DTYPES or g.dtype not in _WEIGHT_DTYPES:
         raise TypeError(f"weights and grads must be fp32, bf16 or fp16, got {p.dtype} and {g.dtype}")
@@ -241,9 +256,7 @@ def sparse_adamw_step(params: list[Tensor], grads: list[Tensor], idxs: list[Tens
         idx = idx.to(torch.int32).contiguous()
         key = (p.device, p.dtype, g.dtype, g.shape != p.shape, master is not None)
         groups.setdefault(key, []).append((p, g, idx, m, v, master))
-    # The scalars torch.optim.AdamW derives from the hyperparameters, in double precision.
-    scalars = (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
-               math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step), eps)
+    scalars = hyper_scalars(step, lr, beta1, beta2, eps, weight_decay)
     for (device, _, _, gathered_grad, master), weights in groups.items():
         table, n_blocks, aligned = _pointer_table(weights, device, gathered_grad)
         p, g, idx, m = weights[0][:4]

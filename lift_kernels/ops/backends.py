@@ -33,7 +33,7 @@ from . import native
 from .library import NAMESPACE, OPS
 
 BACKENDS = ("reference", "triton", "native")
-_TRITON_OPS = ("sparse_adamw_step", "remap_state")
+_TRITON_OPS = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state")
 _DEFAULTS = {"cpu": ("native",), "cuda": ("triton", "native")}  # then the reference
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _FROM_ENV = object()

@@ -30,6 +30,16 @@ def _sparse_adamw_step(c_fn, params: list[Tensor], grads: list[Tensor], idxs: li
          beta2, eps, weight_decay)
 
 
+def _sparse_adamw8bit_step(c_fn, params: list[Tensor], grads: list[Tensor], idxs: list[Tensor],
+                           exp_avg_codes: list[Tensor], exp_avg_scales: list[Tensor], exp_avg_sq_codes: list[Tensor],
+                           exp_avg_sq_scales: list[Tensor], masters: list[Tensor | None] | None = None, *,
+                           exp_avg_book: Tensor, exp_avg_sq_book: Tensor, step: int, lr: float, beta1: float,
+                           beta2: float, eps: float, weight_decay: float) -> None:
+    c_fn(params, grads, idxs, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales,
+         [] if masters is None else masters, exp_avg_book, exp_avg_sq_book, step, float(lr), beta1, beta2, eps,
+         weight_decay)
+
+
 def _principal_weights(c_fn, W: Tensor, k: int, lra_rank: int, svd: str = "fast", largest: bool = True,
                        generator: torch.Generator | None = None) -> Tensor:
     if svd == "exact" or full_rank(W.shape, lra_rank):  # the reference's by definition (W' = W: top-k of |W|)
@@ -43,6 +53,7 @@ def _principal_weights(c_fn, W: Tensor, k: int, lra_rank: int, svd: str = "fast"
 # op -> (_C kernel name without the device suffix, adapter from the op's signature or None)
 _KERNELS: dict[str, tuple[str, Callable | None]] = {
     "sparse_adamw_step": ("sparse_adamw_step", _sparse_adamw_step),
+    "sparse_adamw8bit_step": ("sparse_adamw8bit_step", _sparse_adamw8bit_step),
     "remap_state": ("remap_state", None),
     "principal_weights": ("principal_weights", _principal_weights),
     "_principal_weights_seeded": ("principal_weights", None),
