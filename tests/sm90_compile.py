@@ -46,6 +46,17 @@ def _adamw(weight: str, gathered_grad: bool, master: bool) -> tuple:
         {"GATHERED_GRAD": gathered_grad, "MASTER": master, "ALIGNED": True}, range(5))
 
 
+def _adamw8bit(weight: str, gathered_grad: bool, master: bool) -> tuple:
+    """The 8-bit-moment step for ``weight`` weights and grads of the same dtype."""
+    return ("_sparse_adamw8bit_kernel", {
+        "table_ptr": "*i64", "param_base": _DTYPE[weight], "grad_base": _DTYPE[weight], "idx_base": "*i32",
+        "code_base": "*u8", "f32_base": "*fp32", "m_book_ptr": "*fp32", "m_mid_ptr": "*fp32",
+        "v_book_ptr": "*fp32", "v_mid_ptr": "*fp32", "decay": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+        "one_minus_beta2": "fp32", "bias_correction2_sqrt": "fp32", "step_size": "fp32", "eps": "fp32",
+        "GATHERED_GRAD": "constexpr", "MASTER": "constexpr", "BLOCK": "constexpr"},
+        {"GATHERED_GRAD": gathered_grad, "MASTER": master}, range(10))
+
+
 def _remap(states: int) -> tuple:
     """The remap of ``states`` fp32 states (the optimizer's m, v and master)."""
     return ("_remap_kernel", {
@@ -62,6 +73,10 @@ TRITON_KERNELS = {
             _adamw(weight, gathered, master)
         for weight in ("fp32", "bf16") for gathered in (False, True) for master in (False, True)},
     "remap_state": {f"{n}_fp32_states": _remap(n) for n in (2, 3)},
+    # two of the four specializations per dtype keep the compile check short: the bucket layouts of
+    # an fp32 model (no master, dense grad) and a bf16 one (master, gathered grad)
+    "sparse_adamw8bit_step": {"fp32_dense_grad_no_master": _adamw8bit("fp32", False, False),
+                              "bf16_gathered_grad_master": _adamw8bit("bf16", True, True)},
 }
 
 

@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 # Per Triton op: most registers per thread and fewest resident warps per SM (what BLOCK/num_warps
 # in the kernel's module were chosen for; see the comment there).
 TRITON_BUDGET = {"sparse_adamw_step": {"registers": 48, "warps_per_sm": 40},
-                 "remap_state": {"registers": 32, "warps_per_sm": 64}}
+                 "remap_state": {"registers": 32, "warps_per_sm": 64},
+                 "sparse_adamw8bit_step": {"registers": 48, "warps_per_sm": 40}}
 # Thread blocks per SM of the top-k tile kernels, as column_splits plans them (kBlocksPerSm in
 # topk_abs_product.cu): the cubin must fit that many.
 TILE_KERNELS = ("histogram_kernel", "count_kernel", "emit_kernel")

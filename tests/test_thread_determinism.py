@@ -59,6 +59,39 @@ def test_step_is_bit_identical_at_any_thread_count(dtype, gathered):
     _same_bits(results)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gathered", [False, True])
+def test_8bit_step_is_bit_identical_at_any_thread_count(dtype, gathered):
+    """The 8-bit step splits the blocks of 256 entries (one scale each) over threads, 64 blocks at
+    least per thread: 100,011 entries in odd weights make several ranges, some ending mid-weight."""
+    from lift_kernels.reference.moment_codes import EXP_AVG_BOOK, EXP_AVG_SQ_BOOK, quantize_blockwise
+    g = torch.Generator().manual_seed(hash((str(dtype), gathered, 8)) % 2**31)
+    shapes = [(301, 257), (3, 5), (517, 263)]
+    ks = [30001, 7, 70003]
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    idxs = [torch.randperm(p.numel(), generator=g)[:k].sort().values.int() for p, k in zip(params, ks)]
+    grads = [torch.randn(k if gathered else p.numel(), generator=g).to(dtype).reshape(-1 if gathered else p.shape)
+             for p, k in zip(params, ks)]
+    ms = [quantize_blockwise(torch.randn(k, generator=g) * 0.1, EXP_AVG_BOOK) for k in ks]
+    vs = [quantize_blockwise(torch.rand(k, generator=g) * 0.01, EXP_AVG_SQ_BOOK) for k in ks]
+    masters = [p.flatten()[i.long()].float() + 1e-4 if dtype != torch.float32 else None
+               for p, i in zip(params, idxs)]
+
+    def step():
+        p2 = [p.clone() for p in params]
+        state = [[t.clone() for t in ts] for ts in ([c for c, _ in ms], [s for _, s in ms], [c for c, _ in vs],
+                                                     [s for _, s in vs])]
+        w2 = [w.clone() if w is not None else None for w in masters]
+        for t in (1, 2, 3):
+            C.sparse_adamw8bit_step_cpu(p2, grads, idxs, *state, w2, EXP_AVG_BOOK, EXP_AVG_SQ_BOOK, t, 1e-3, 0.9,
+                                        0.999, 1e-8, 0.01)
+        return p2 + [t for ts in state for t in ts] + [w for w in w2 if w is not None]
+
+    results = _at_each_thread_count(step)
+    assert not torch.equal(results[0][0], params[0])  # the step did update
+    _same_bits(results)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
 def test_remap_state_is_bit_identical_at_any_thread_count(dtype):
     g = torch.Generator().manual_seed(7)

@@ -29,7 +29,9 @@ _adamw = _step._adamw
 _round_to = _step._round_to
 _offsets = _step._offsets
 
-# 256 entries a program, 2 warps: 4 entries a thread, like sparse_adamw_step's streams.
+# A program is one block of moment codes (one scale per moment); 2 warps give 4 entries a thread, the
+# layout of sparse_adamw_step's streams.
+BLOCK = QBLOCK
 NUM_WARPS = 2
 # per weight: offsets of weight, grad, idx, exp_avg codes, exp_avg scales, exp_avg_sq codes,
 # exp_avg_sq scales, master; then k and the weight's first block
@@ -57,12 +59,12 @@ def _quantize(x, mask, book_mid_ptr, code_ptr, scale_ptr):
 def _sparse_adamw8bit_kernel(table_ptr, param_base, grad_base, idx_base, code_base, f32_base,
                              m_book_ptr, m_mid_ptr, v_book_ptr, v_mid_ptr,
                              decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                             GATHERED_GRAD: tl.constexpr, MASTER: tl.constexpr, QBLOCK: tl.constexpr):
+                             GATHERED_GRAD: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = table_ptr + tl.load(table_ptr + pid)
     k = tl.load(row + 8).to(tl.int32)
     block = pid - tl.load(row + 9).to(tl.int32)
-    j = block * QBLOCK + tl.arange(0, QBLOCK)
+    j = block * BLOCK + tl.arange(0, BLOCK)
     mask = j < k
     param_ptr = param_base + tl.load(row + 0)
     grad_ptr = grad_base + tl.load(row + 1)
@@ -208,5 +210,5 @@ def sparse_adamw8bit_step(params: list[Tensor], grads: list[Tensor], idxs: list[
         table, n_blocks = _pointer_table(weights, device)
         p, g, idx, mc, ms = weights[0][:5]
         _sparse_adamw8bit_kernel[(n_blocks,)](table, p, g, idx, mc, ms, exp_avg_book, m_mid, exp_avg_sq_book, v_mid,
-                                              *scalars, GATHERED_GRAD=gathered_grad, MASTER=master, QBLOCK=QBLOCK,
+                                              *scalars, GATHERED_GRAD=gathered_grad, MASTER=master, BLOCK=BLOCK,
                                               num_warps=NUM_WARPS)
