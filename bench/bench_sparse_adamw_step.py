@@ -1,14 +1,17 @@
 """Benchmark of the LIFT sparse AdamW step on 4 layers of LLaMA-2-7B shapes (issue 3), or on the CPU
 on SmolLM2-135M's 210 matrices at rank 16 (issue 13).
 
-GPU, for each weight dtype: the fused Triton step (one launch for the 28 weights), the plain-torch
+GPU, for each weight dtype: the fused Triton step (one launch for the 28 weights) and its 8-bit-moment
+version (sparse_adamw8bit_step), the plain-torch
 step (the reference op), torch.optim.AdamW(fused=True) over the dense weights, the device's copy
 bandwidth, and the step's floor = bytes it must touch / copy bandwidth, where the bytes are the
 indices, the moments read and written, and the 32-byte sectors of grad (read) and weight (read and
 written) that the actual indices hit.
 CPU, for each thread count of --threads and each dtype, in one process on the same weights: the C++
 step of lift_kernels._C (one call for the 210 weights; with dense grads, and with gathered length-k
-grads as LIFTAdamW(sparse_grads=True) gives it), the plain-torch reference step,
+grads as LIFTAdamW(sparse_grads=True) gives it), its 8-bit-moment version sparse_adamw8bit_step
+(against its own floor: 1 + 1 bytes of moment codes and the block scales instead of 4 + 4 bytes),
+the plain-torch reference step,
 torch.optim.AdamW(fused=True) and AdamW(foreach=True) over the dense weights, medians of --repeats
 runs; by default at 1 thread and at torch's default thread count (--threads 1,default). The floor
 at each thread count is the bytes of the 64-byte lines the step touches / the copy bandwidth measured
@@ -36,6 +39,7 @@ from lift_kernels import _ext
 from lift_kernels.ops import native
 from lift_kernels._triton_loader import load_kernel_module
 from lift_kernels.reference import sparse_adamw_step as plain_torch_step
+from lift_kernels.reference.moment_codes import EXP_AVG_BOOK, EXP_AVG_SQ_BOOK, QBLOCK
 
 SECTOR = 32  # bytes of a GPU DRAM sector
 CPU_LINE = 64  # bytes of a CPU cache line, the CPU's unit of memory traffic
@@ -50,17 +54,31 @@ CPU_TARGETS = {"cpp_over_dense_fused_max": 0.5, "cpp_over_floor_max": 1.25}
 HP = dict(step=10, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
 
 
-def bytes_touched(params, idxs, sector: int = SECTOR) -> dict:
-    """Bytes the sparse step cannot avoid: per entry the int32 index and the fp32 moments read and
-    written, plus every ``sector``-byte sector (GPU) or cache line (CPU) of the grad (read) and of
-    the weight (read and written) that holds a selected entry."""
+def bytes_touched(params, idxs, sector: int = SECTOR, moments8bit: bool = False) -> dict:
+    """Bytes the sparse step cannot avoid: per entry the int32 index and the moments read and written
+    (fp32; or, for the 8-bit step, a uint8 code each plus one fp32 scale per block of QBLOCK entries),
+    plus every ``sector``-byte sector (GPU) or cache line (CPU) of the grad (read) and of the weight
+    (read and written) that holds a selected entry."""
     k = sum(i.numel() for i in idxs)
     sectors = sum(torch.unique_consecutive((i.long() * p.element_size()) // sector).numel()
                   for p, i in zip(params, idxs))
+    if moments8bit:
+        moment_bytes = 2 * 2 * (k + 4 * sum(-(-i.numel() // QBLOCK) for i in idxs))
+    else:
+        moment_bytes = 2 * 2 * 4 * k
     return {"entries": k, "sector_bytes": sector, "sectors": sectors, "index_bytes": 4 * k,
-            "moment_bytes": 2 * 2 * 4 * k, "grad_bytes": sector * sectors, "weight_bytes": 2 * sector * sectors,
-            "total_bytes": 4 * k + 16 * k + 3 * sector * sectors,
+            "moment_bytes": moment_bytes, "grad_bytes": sector * sectors, "weight_bytes": 2 * sector * sectors,
+            "total_bytes": 4 * k + moment_bytes + 3 * sector * sectors,
             "dense_adamw_bytes": sum(p.numel() * (3 * p.element_size() + 16) for p in params)}
+
+
+def run_8bit(step_fn, params, grads, idxs):
+    """A callable taking ``step_fn`` (the op's signature) on zero 8-bit moments of ``idxs``."""
+    device = idxs[0].device if idxs else "cpu"
+    codes = [[torch.zeros(i.numel(), dtype=torch.uint8, device=device) for i in idxs] for _ in range(2)]
+    scales = [[torch.zeros(-(-i.numel() // QBLOCK), device=device) for i in idxs] for _ in range(2)]
+    books = dict(exp_avg_book=EXP_AVG_BOOK.to(device), exp_avg_sq_book=EXP_AVG_SQ_BOOK.to(device))
+    return lambda: step_fn(params, grads, idxs, codes[0], scales[0], codes[1], scales[1], None, **books, **HP)
 
 
 def block_sweep(kernels, fn, device: str) -> dict:
@@ -95,6 +113,9 @@ def bench_dtype(cfg: dict, name: str, bandwidth_gbs: float) -> dict:
         "fused_triton": time_ms(run(fused), device),
         "plain_torch": time_ms(run(plain_torch_step), device),
         "dense_fused_adamw": dense_fused_adamw_ms(params, grads, device),
+        "fused_triton_8bit": time_ms(run_8bit(load_kernel_module("sparse_adamw8bit_step").sparse_adamw8bit_step,
+                                              params, grads, idxs), device),
+        "floor_8bit_ms": bytes_touched(params, idxs, moments8bit=True)["total_bytes"] / (bandwidth_gbs * 1e9) * 1e3,
     }
     if device == "cuda":  # data for tuning: the fused step at other block sizes and warp counts
         result["block_sweep_ms"] = block_sweep(kernels, run(fused), device)
@@ -103,6 +124,8 @@ def bench_dtype(cfg: dict, name: str, bandwidth_gbs: float) -> dict:
         "fused_over_floor": fused_ms / result["floor_ms"],
         "dense_over_fused": result["dense_fused_adamw"]["median_ms"] / fused_ms,
         "plain_over_fused": result["plain_torch"]["median_ms"] / fused_ms,
+        "fused_8bit_over_fused": result["fused_triton_8bit"]["median_ms"] / fused_ms,
+        "fused_8bit_over_floor_8bit": result["fused_triton_8bit"]["median_ms"] / result["floor_8bit_ms"],
     }
     r = result["ratios"]
     result["targets_met"] = {
@@ -149,8 +172,9 @@ def bench_dtype_cpu(cfg: dict, name: str) -> dict:
         return lambda: step_fn(params, step_grads, idxs, exp_avgs, exp_avg_sqs, None, **HP)
 
     touched = bytes_touched(params, idxs, CPU_LINE)
+    touched8 = bytes_touched(params, idxs, CPU_LINE, moments8bit=True)
     result = {"weights": len(params), "weight_entries": sum(p.numel() for p in params),
-              "selection": cfg["selection"],
+              "selection": cfg["selection"], "bytes_touched_8bit": touched8,
               "density": touched["entries"] / sum(p.numel() for p in params), "bytes_touched": touched,
               "bytes_over_dense_adamw": touched["total_bytes"] / touched["dense_adamw_bytes"], "by_threads": {}}
     for n in cfg["threads"]:
@@ -159,6 +183,9 @@ def bench_dtype_cpu(cfg: dict, name: str) -> dict:
             r = {"copy_bandwidth_gbs": bandwidth, "floor_ms": touched["total_bytes"] / (bandwidth * 1e9) * 1e3,
                  "cpp_step": time_ms(run(native.kernel("sparse_adamw_step", "cpu")), device, repeats),
                  "cpp_step_gathered_grads": time_ms(run(native.kernel("sparse_adamw_step", "cpu"), gathered), device, repeats),
+                 "cpp_step_8bit": time_ms(run_8bit(native.kernel("sparse_adamw8bit_step", "cpu"), params, grads,
+                                                   idxs), device, repeats),
+                 "floor_8bit_ms": touched8["total_bytes"] / (bandwidth * 1e9) * 1e3,
                  "plain_torch": time_ms(run(plain_torch_step), device, repeats),
                  "dense_fused_adamw": dense_fused_adamw_ms(params, grads, device, repeats),
                  "dense_foreach_adamw": dense_fused_adamw_ms(params, grads, device, repeats, impl="foreach")}
@@ -168,7 +195,9 @@ def bench_dtype_cpu(cfg: dict, name: str) -> dict:
                            r["cpp_step_gathered_grads"]["median_ms"] / r["dense_fused_adamw"]["median_ms"],
                        "cpp_over_dense_foreach": cpp_ms / r["dense_foreach_adamw"]["median_ms"],
                        "plain_over_cpp": r["plain_torch"]["median_ms"] / cpp_ms,
-                       "cpp_over_floor": cpp_ms / r["floor_ms"]}
+                       "cpp_over_floor": cpp_ms / r["floor_ms"],
+                       "cpp_8bit_over_cpp": r["cpp_step_8bit"]["median_ms"] / cpp_ms,
+                       "cpp_8bit_over_floor_8bit": r["cpp_step_8bit"]["median_ms"] / r["floor_8bit_ms"]}
         r["targets_met"] = {"cpp_step_<=_0.5x_dense_fused_adamw":
                             r["ratios"]["cpp_over_dense_fused"] <= CPU_TARGETS["cpp_over_dense_fused_max"],
                             "cpp_step_<=_1.25x_floor": r["ratios"]["cpp_over_floor"] <= CPU_TARGETS["cpp_over_floor_max"]}
@@ -185,7 +214,7 @@ def main_cpu(args, cfg: dict) -> None:
         results["extension_openmp_version"] = ext.openmp_version()  # 0: built without OpenMP
     if args.note:
         results["note"] = args.note
-    rows = []
+    rows, rows8 = [], []
     for name in cfg["dtypes"]:
         res = results["by_dtype"][name] = bench_dtype_cpu(cfg, name)
         for n, r in res["by_threads"].items():
@@ -194,10 +223,16 @@ def main_cpu(args, cfg: dict) -> None:
                          r["dense_fused_adamw"]["median_ms"], r["dense_foreach_adamw"]["median_ms"], r["floor_ms"],
                          res["bytes_over_dense_adamw"], r["ratios"]["cpp_over_dense_fused"],
                          r["ratios"]["cpp_over_floor"], r["ratios"]["plain_over_cpp"], "yes" if all(r["targets_met"].values()) else "no"])
+            rows8.append([name, n, r["cpp_step"]["median_ms"], r["cpp_step_8bit"]["median_ms"], r["floor_8bit_ms"],
+                          res["bytes_touched_8bit"]["total_bytes"] / res["bytes_touched"]["total_bytes"],
+                          r["ratios"]["cpp_8bit_over_cpp"], r["ratios"]["cpp_8bit_over_floor_8bit"]])
     print(f"{results['device']} ({results['cpu_capability']}): {cfg['model']}, {cfg['layers']} layers, "
           f"rank {cfg['rank']}, {cfg['selection']} selection, median of {cfg['repeats']} runs")
     print_table(rows, ["dtype", "threads", "C++ ms", "C++ sparse-grad ms", "reference ms", "dense fused ms", "dense foreach ms",
                        "floor ms", "bytes/dense", "C++/fused", "C++/floor", "reference/C++", "targets met"])
+    print("8-bit moments (sparse_adamw8bit_step):")
+    print_table(rows8, ["dtype", "threads", "C++ fp32-moment ms", "C++ 8-bit ms", "8-bit floor ms",
+                        "bytes 8-bit/fp32", "8-bit/fp32-moment", "8-bit/floor"])
     write_results(args.out, results)
 
 
@@ -220,12 +255,13 @@ def main() -> None:
     rows = []
     for name in cfg["dtypes"]:
         r = results["by_dtype"][name] = bench_dtype(cfg, name, bandwidth)
-        rows.append([name, r["floor_ms"], r["fused_triton"]["median_ms"], r["plain_torch"]["median_ms"],
+        rows.append([name, r["floor_ms"], r["fused_triton"]["median_ms"], r["fused_triton_8bit"]["median_ms"],
+                     r["plain_torch"]["median_ms"],
                      r["dense_fused_adamw"]["median_ms"], r["ratios"]["fused_over_floor"],
                      r["ratios"]["dense_over_fused"], r["ratios"]["plain_over_fused"],
                      "yes" if all(r["targets_met"].values()) else "no"])
     print(f"{results['device']}: copy {bandwidth:.0f} GB/s, {cfg['layers']} layers, rank {cfg['rank']}")
-    print_table(rows, ["dtype", "floor ms", "fused ms", "plain ms", "dense ms", "fused/floor",
+    print_table(rows, ["dtype", "floor ms", "fused ms", "fused 8-bit ms", "plain ms", "dense ms", "fused/floor",
                        "dense/fused", "plain/fused", "targets met"])
     write_results(args.out, results)
 

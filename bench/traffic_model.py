@@ -30,6 +30,7 @@ SECTOR = 32  # bytes per DRAM sector
 FP32 = 4
 INT32 = 4
 TABLE_FIELD = 8  # int64 entries of the kernel's pointer table
+QBLOCK = 256  # entries per scale of the 8-bit moments (lift_kernels/reference/moment_codes.py)
 
 
 def contiguous_sectors(nbytes: int) -> int:
@@ -46,25 +47,35 @@ def scattered_sectors(idx: np.ndarray, elem_size: int) -> tuple[int, int]:
     return int(sectors.size), int(np.count_nonzero(counts == SECTOR // elem_size))
 
 
-def sparse_weight_traffic(idx: np.ndarray, weight_size: int, grad: str, master: bool) -> dict[str, int]:
+def sparse_weight_traffic(idx: np.ndarray, weight_size: int, grad: str, master: bool,
+                          moments: str = "fp32") -> dict[str, int]:
     """Sectors one weight's part of the fused step moves: per stream reads and writes, and fills.
 
     ``weight_size``: bytes per weight element (the dense gradient has the weight's dtype);
     ``grad``: "dense" (read at idx) or "gathered" (a contiguous length-k fp32 vector);
-    ``master``: whether an fp32 master of the selected entries supplies the weight's values.
+    ``master``: whether an fp32 master of the selected entries supplies the weight's values;
+    ``moments``: "fp32" (sparse_adamw_step) or "8bit" (sparse_adamw8bit_step: each moment a length-k
+    uint8 code stream plus one fp32 scale per block of QBLOCK entries, counted as "*_scales").
     """
     if grad not in ("dense", "gathered"):
         raise ValueError(f"grad must be 'dense' or 'gathered', got {grad!r}")
+    if moments not in ("fp32", "8bit"):
+        raise ValueError(f"moments must be 'fp32' or '8bit', got {moments!r}")
     k = int(idx.size)
     vec = contiguous_sectors(k * FP32)  # one length-k fp32 stream
+    moment = vec if moments == "fp32" else contiguous_sectors(k)
     weight, weight_full = scattered_sectors(idx, weight_size)
     t = {"read_idx": contiguous_sectors(k * INT32),
          "read_grad": vec if grad == "gathered" else scattered_sectors(idx, weight_size)[0],
-         "read_exp_avg": vec, "write_exp_avg": vec, "read_exp_avg_sq": vec, "write_exp_avg_sq": vec,
+         "read_exp_avg": moment, "write_exp_avg": moment, "read_exp_avg_sq": moment, "write_exp_avg_sq": moment,
          "read_master": vec if master else 0, "write_master": vec if master else 0,
          "read_weight": 0 if master else weight, "write_weight": weight,
          # written in part and never read by the kernel: L2 fetches the rest of the sector
          "fill_weight": weight - weight_full if master else 0}
+    if moments == "8bit":
+        scales = contiguous_sectors(-(-k // QBLOCK) * FP32)
+        t.update(read_exp_avg_scales=scales, write_exp_avg_scales=scales, read_exp_avg_sq_scales=scales,
+                 write_exp_avg_sq_scales=scales)
     return t
 
 
@@ -86,14 +97,14 @@ def dense_adamw_sectors(numel: int, weight_size: int) -> dict[str, int]:
 
 
 def step_traffic(weights: list[tuple[np.ndarray, int]], weight_size: int, grad: str, master: bool,
-                 block: int, row: int) -> dict:
+                 block: int, row: int, moments: str = "fp32") -> dict:
     """Totals over a set of weights ((idx, numel) each): sparse step sectors by kind, dense AdamW's,
     the hook's gather, in sectors and bytes."""
     streams: dict[str, int] = {}
     dense = {"read": 0, "write": 0}
     hook = 0
     for idx, numel in weights:
-        for key, sectors in sparse_weight_traffic(idx, weight_size, grad, master).items():
+        for key, sectors in sparse_weight_traffic(idx, weight_size, grad, master, moments).items():
             streams[key] = streams.get(key, 0) + sectors
         for key, sectors in dense_adamw_sectors(numel, weight_size).items():
             dense[key] += sectors
