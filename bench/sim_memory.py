@@ -24,7 +24,7 @@ its fake returns only the indices. This script adds it at the moment of each sel
 op's own formula (csrc/lowrank.cpp:lowrank_workspace_bytes for a GPU, chunked as
 csrc/principal_weights.cpp does). LIFTAdamW's gathered gradients and the state a selection installs
 are made in a backward hook, where MemTracker would call them temporaries; they are labelled as
-gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The three methods take under a minute of one CPU core.
+gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The four methods take a few minutes of one CPU core.
 
     python bench/sim_memory.py --out bench/results/sim_memory_llama2_7b.json
 """
