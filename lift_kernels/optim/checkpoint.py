@@ -39,8 +39,9 @@ def load_lift_state_dict(opt, state_dict: dict, torch_load: Callable[[dict], Non
             state_dict = result
     if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
         # groups saved before moment_bits existed hold fp32 moments
-        state_dict = {**state_dict, "param_groups": [{"moment_bits": 32, **g} if isinstance(g, dict) else g
-                                                     for g in state_dict["param_groups"]]}
+        groups = [{**g, "moment_bits": 32} if isinstance(g, dict) and "moment_bits" not in g else g
+                  for g in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": groups}
     lift_entries = check_state_dict(opt, state_dict)
     pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
     opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = {}, {}
