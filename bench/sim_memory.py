@@ -11,7 +11,8 @@ iterations (forward, backward, optimizer step, zero_grad):
   (peft keeps bf16 models' adapters in fp32);
 - lift: LIFTAdamW(rank 128, lra_rank 64, sparse_grad=True, fp32 masters: the default for bf16) on
   the same projections; update_interval 3, so iteration 1 selects, iteration 2 is a plain step and
-  iteration 3 re-selects (a refresh) inside its backward pass, as a real run does.
+  iteration 3 re-selects (a refresh) inside its backward pass, as a real run does;
+- lift-8bit: as lift, with moment_bits=8 (the moments of the selected entries as 8-bit codes).
 
 The model is built on the meta device (peft's Module.to cannot swap FakeTensor parameters) and its
 parameters and buffers are then replaced by fake *CPU* tensors, a proxy for CUDA ones (fake CUDA
@@ -23,7 +24,7 @@ its fake returns only the indices. This script adds it at the moment of each sel
 op's own formula (csrc/lowrank.cpp:lowrank_workspace_bytes for a GPU, chunked as
 csrc/principal_weights.cpp does). LIFTAdamW's gathered gradients and the state a selection installs
 are made in a backward hook, where MemTracker would call them temporaries; they are labelled as
-gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The three methods take under a minute of one CPU core.
+gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The four methods take a few minutes of one CPU core.
 
     python bench/sim_memory.py --out bench/results/sim_memory_llama2_7b.json
 """
@@ -218,15 +219,15 @@ def to_fake(model: torch.nn.Module, mode: FakeTensorMode) -> None:
 def optimizer(method: str, model, rank: int, lra_rank: int, update_interval: int):
     if method in ("full", "lora"):  # LoRA: peft froze all but the adapters
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    if method == "lift":
+    if method in ("lift", "lift-8bit"):
         groups = lk.lift_param_groups(model, target_modules=TARGETS)  # freezes everything else
         return lk.LIFTAdamW(groups, lr=1e-4, rank=rank, lra_rank=lra_rank, update_interval=update_interval,
-                            sparse_grad=True)
+                            sparse_grad=True, moment_bits=8 if method == "lift-8bit" else 32)
     raise ValueError(method)
 
 
 def trainable_count(method: str, model, opt) -> int:
-    if method == "lift":
+    if method.startswith("lift"):
         return sum(opt.state[p]["idx"].numel() for p in opt.lift_parameters())
     return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
@@ -241,7 +242,8 @@ def by_category(snapshot: dict) -> dict[str, int]:
 
 def simulate(method: str, args) -> dict:
     """Peak memory (by category) of each training iteration of ``method``, all on fake tensors."""
-    iterations = 3 if method == "lift" else 2
+    lift = method.startswith("lift")
+    iterations = 3 if lift else 2
     t0 = time.perf_counter()
     mode = FakeTensorMode()
     model = wrap(method, build_model(args.layers, args.small), args.rank)
@@ -256,7 +258,7 @@ def simulate(method: str, args) -> dict:
             # alive between iterations (weights, buffers, optimizer state) are registered with it
             tracker = SelectionAwareTracker(args.lra_rank)
             tracker.track_external(model, opt)
-            if method == "lift":
+            if lift:
                 tracker.label_lift_tensors(opt)
             with tracker:
                 loss = model(input_ids=ids, labels=ids).loss
@@ -268,7 +270,7 @@ def simulate(method: str, args) -> dict:
             end = by_category(tracker.get_tracker_snapshot("current"))
             per_iter.append({
                 "iteration": it,
-                "selection": method == "lift" and it in (1, 3),
+                "selection": lift and it in (1, 3),
                 "peak_bytes": peak,
                 "peak_with_selection_workspace_bytes": max(peak["Total"], tracker.selection_peak),
                 "selection_calls": tracker.selection_calls,
@@ -320,7 +322,7 @@ def verdict(results: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="full,lora,lift")
+    ap.add_argument("--methods", default="full,lora,lift,lift-8bit")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)

@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                         "~5%% of SmolLM2-135M's matrices, as the paper's 128 is of LLaMA-7B's")
     m.add_argument("--lra-rank", type=int, default=32, help="rank of LIFT's low-rank filter")
     m.add_argument("--update-interval", type=int, default=100, help="steps between re-selections")
+    m.add_argument("--moment-bits", type=int, choices=(32, 8), default=32,
+                   help="LIFTAdamW's Adam moments of the selected entries: fp32 (32) or block-wise 8-bit codes "
+                        "(8: 6 instead of 12 bytes of state per selected entry; lift, magnitude, random)")
     m.add_argument("--svd", choices=("auto", "fast", "exact"), default="auto",
                    help="low-rank approximation for selection; auto: fast everywhere (SmolLM2-135M's first "
                         "selection on 2 CPU cores, whole model: fast 6.3 s vs exact 5.8 s alone, 6.2 s vs 18.3 s "
@@ -98,6 +101,9 @@ def _check_ranges(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--epochs must be > 0, got {a.epochs}")
     if a.lr <= 0:
         p.error(f"--lr must be > 0, got {a.lr}")
+    if a.moment_bits != 32 and a.method in ("full", "lora"):
+        p.error(f"--moment-bits {a.moment_bits} applies to LIFTAdamW (--method lift, magnitude, random); "
+                f"--method {a.method} trains with torch.optim.AdamW")
     if a.warmup < 0 or a.weight_decay < 0 or a.max_grad_norm < 0 or a.save_every < 0:
         p.error("--warmup, --weight-decay, --max-grad-norm and --save-every must be >= 0")
 

@@ -35,6 +35,7 @@ class Hyper:
     seed: int
     target_modules: list[str] | None = None
     svd: str = "fast"
+    moment_bits: int = 32  # LIFTAdamW's moments: fp32 or 8-bit codes
 
 
 @dataclass
@@ -87,7 +88,7 @@ def build(method: str, model: nn.Module, hp: Hyper) -> Setup:
     groups = lift_param_groups(model, hp.target_modules)
     opt = LIFTAdamW(groups, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay, rank=hp.rank,
                     lra_rank=hp.lra_rank, update_interval=hp.update_interval, selector=_SELECTOR[method],
-                    svd=hp.svd, seed=hp.seed)
+                    svd=hp.svd, seed=hp.seed, moment_bits=hp.moment_bits)
     trainable = sum(budget(w.shape, hp.rank, None) for w in mats.values())
     return Setup(model, opt, trainable, _copy_to_cpu(mats), lambda: model)
 

@@ -28,7 +28,9 @@ ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": 
 # Flags that change the trajectory: a checkpoint resumes only a run with the same values.
 _FINGERPRINT = ("model", "data", "eval_data", "method", "target_modules", "rank", "lra_rank", "update_interval",
                 "svd", "lr", "schedule", "warmup", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
-                "max_steps", "seed", "max_length", "prompt_style", "bf16")
+                "max_steps", "seed", "max_length", "prompt_style", "bf16", "moment_bits")
+# Fingerprint flags added after checkpoints were written without them: the value those runs had.
+_FINGERPRINT_ADDED = {"moment_bits": 32}
 
 
 def fail(message: str) -> SystemExit:
@@ -121,6 +123,7 @@ def _load_checkpoint(path: str, fingerprint: dict) -> dict:
     """The checkpoint at ``path``, checked to come from a run with the same settings."""
     payload = checkpoint.load(path)
     saved = payload["extra"]["fingerprint"]
+    saved = {**_FINGERPRINT_ADDED, **saved}
     differs = [k for k in _FINGERPRINT if saved.get(k) != fingerprint.get(k)]
     if differs:
         detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {fingerprint.get(k)!r})" for k in differs)
@@ -179,7 +182,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
         payload = None if resume_from is None else _load_checkpoint(resume_from, fingerprint)
         hp = methods.Hyper(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, rank=args.rank,
                            lra_rank=args.lra_rank, update_interval=args.update_interval, seed=args.seed,
-                           target_modules=args.target_modules, svd=args.svd)
+                           target_modules=args.target_modules, svd=args.svd, moment_bits=args.moment_bits)
         setup = methods.build(args.method, model, hp)
         scheduler = schedule.build(setup.optimizer, args.schedule, schedule.warmup_steps(args.warmup, args.max_steps),
                                    args.max_steps)

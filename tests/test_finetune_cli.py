@@ -1,5 +1,6 @@
 """lift-finetune end to end on a tiny model: outputs, resume after a crash, methods, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -305,3 +306,19 @@ def test_command_line_exit_status(tmp_path):
     assert proc.returncode == 1
     assert "lift-finetune: error: data file not found" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_moment_bits_8_trains_is_recorded_and_resume_refuses_a_mismatch(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    run_cli(tiny_model, out, "--max-steps", "2", "--moment-bits", "8")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["moment_bits"] == 8
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    msg = fail_message(tiny_model, out, "--max-steps", "2", "--resume")  # default --moment-bits 32
+    assert "--moment-bits 8 (now 32)" in msg and "other settings" in msg
+
+
+def test_moment_bits_8_is_refused_for_methods_without_liftadamw(tiny_model, tmp_path, capsys):
+    fail_message(tiny_model, tmp_path / "run", "--method", "lora", "--moment-bits", "8")
+    assert "--moment-bits 8 applies to LIFTAdamW" in capsys.readouterr().err

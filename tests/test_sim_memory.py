@@ -40,3 +40,17 @@ def test_lora_adapters_are_fp32_parameters_on_top_of_the_bf16_model():
     assert adapters == 2 * (4 * (64 + 64) + 3 * (64 + 172)) * 2
     base = 2 * (2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 172 + 2 * 64) + 64)
     assert result["peak_bytes"]["Parameter"] == base + 4 * adapters
+
+
+def test_lift_8bit_state_is_codes_scales_index_and_master():
+    from lift_kernels.reference.moment_codes import num_blocks
+
+    result = sim_memory.simulate("lift-8bit", _args())
+    k = result["trainable"]
+    # per projection: k_i = (m + n) * 2 entries, each with its own blocks of 256
+    ks = [2 * (64 + 64)] * 4 + [2 * (64 + 172)] * 3
+    scales = 2 * 2 * 4 * sum(num_blocks(ki) for ki in ks)  # 2 layers, 2 moments, fp32
+    for it in result["iterations"]:
+        # int32 idx, two uint8 codes and the fp32 master per selected entry, the block scales, and
+        # the two 256-value fp32 code books (once per device; counted where the tracker sees them made)
+        assert it["end_bytes"]["Optstate"] - (10 * k + scales) in (0, 2 * 256 * 4)

@@ -87,6 +87,11 @@ def _check_matches(header: dict, named, opt) -> None:
 
 def save_checkpoint(checkpoint_id, model: nn.Module, opt) -> None:
     """Write the model and optimizer state; every rank of the run calls it."""
+    coded = [name for name, group, p in _named_params(model, opt) if "exp_avg_codes" in (opt.state.get(p) or {})]
+    if coded:  # refused before anything is written
+        raise NotImplementedError(
+            f"lk.distributed.save_checkpoint does not write 8-bit moments (moment_bits=8: {coded[:3]}...); "
+            "save with opt.state_dict() (torch.save) on each rank, which holds them, or train with moment_bits=32")
     sd = {"model": _module(model).state_dict(), "optim_header": _blob(_header(model, opt))}
     for name, group, p in _named_params(model, opt):
         s = opt.state.get(p)

@@ -3,7 +3,10 @@
 A state dict is refused, before anything changes, when it is not a LIFTAdamW one (e.g. torch's
 AdamW: its groups lack LIFT's options), when its groups or hyperparameters do not fit, or when a
 LIFT entry is damaged: indices not int32, negative, out of range, unsorted or repeated; moments or
-masters not fp32 vectors of the indices' length; a step that is not a count.
+masters not fp32 vectors of the indices' length (8-bit moments: uint8 codes of that length and fp32
+scales, one per block); a step that is not a count. A checkpoint whose ``moment_bits`` differ from the
+optimizer's groups is refused (moments are never converted on load: see state.check_same_bits);
+checkpoints written before the option existed hold fp32 moments and count as ``moment_bits=32``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .moments import FIELDS, coded_sizes
 from .validation import check_hyperparameters
 
 _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
@@ -33,6 +37,11 @@ def load_lift_state_dict(opt, state_dict: dict, torch_load: Callable[[dict], Non
         result = hook(opt, state_dict)
         if result is not None:
             state_dict = result
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+        # groups saved before moment_bits existed hold fp32 moments
+        groups = [{**g, "moment_bits": 32} if isinstance(g, dict) and "moment_bits" not in g else g
+                  for g in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": groups}
     lift_entries = check_state_dict(opt, state_dict)
     pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
     opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = {}, {}
@@ -75,13 +84,17 @@ def check_state_dict(opt, state_dict: dict) -> list[tuple[Tensor, dict]]:
             check_hyperparameters(merged)
         except ValueError as e:
             raise ValueError(f"checkpoint param_groups[{gi}]: {e}") from None
+        if merged["moment_bits"] != group["moment_bits"]:
+            raise ValueError(f"param_groups[{gi}] has moment_bits={merged['moment_bits']} in the checkpoint and "
+                             f"{group['moment_bits']} here; moments are not converted on load: build the "
+                             f"optimizer with moment_bits={merged['moment_bits']} to resume this run")
         for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
             s = saved_state.get(pid)
             if not s:
                 continue
             where = f"param_groups[{gi}] parameter {i} ({opt._name_of(p)})"
             if opt._is_lift(merged, p):
-                _check_lift_entry(s, p, opt.strategy.local(p), where)
+                _check_lift_entry(s, p, opt.strategy.local(p), where, merged["moment_bits"])
                 lift_entries.append((p, s))
             else:
                 _check_dense_entry(s, p, opt.strategy.local(p), where)
@@ -92,7 +105,7 @@ def _corrupt(where: str, what: str) -> ValueError:
     return ValueError(f"checkpoint at {where} is corrupt: {what}; load an undamaged checkpoint of this run")
 
 
-def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:
+def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str, bits: int = 32) -> None:
     if "idx" not in s:
         raise ValueError(f"checkpoint at {where}: a LIFT weight here, but the saved state is dense AdamW's "
                          "(keys %s); build the optimizer's groups (lift=...) as the saved run did" % sorted(s))
@@ -108,7 +121,13 @@ def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:
         raise _corrupt(where, f"idx must be a 1-D int32 tensor, got "
                               f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
     k, numel = idx.numel(), local.numel()  # a shard's idx address its own rows
-    for key in _PER_ENTRY:
+    other = 8 if bits == 32 else 32
+    if any(key in s for key in FIELDS[other]):
+        raise _corrupt(where, f"its group says moment_bits={bits}, so it needs {list(FIELDS[bits])}; "
+                              f"found {sorted(key for key in s if key.startswith('exp_avg'))}")
+    if bits == 8:
+        _check_coded_moments(s, k, where)
+    for key in _PER_ENTRY if bits == 32 else ("master",):
         v = s.get(key)
         if v is None and key != "master":
             raise _corrupt(where, f"{key} is missing")
@@ -121,8 +140,22 @@ def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:
             raise _corrupt(where, f"indices must lie in [0, {numel}), found {lo if lo < 0 else hi}")
         if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise _corrupt(where, "indices must be sorted and distinct")
-        if not bool((s["exp_avg_sq"] >= 0).all()):
+        if bits == 32 and not bool((s["exp_avg_sq"] >= 0).all()):
             raise _corrupt(where, "exp_avg_sq has negative or NaN entries")
+
+
+def _check_coded_moments(s: dict, k: int, where: str) -> None:
+    """8-bit moments: uint8 codes of the k entries, fp32 block scales (finite, >= 0: a block's scale
+    is its largest |value|)."""
+    for key, (shape, dtype) in coded_sizes(k).items():
+        v = s.get(key)
+        if v is None:
+            raise _corrupt(where, f"{key} is missing")
+        if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+            raise _corrupt(where, f"{key} must be a {dtype} vector of shape {shape}, got "
+                                  f"{getattr(v, 'dtype', type(v).__name__)} of shape {tuple(getattr(v, 'shape', ()))}")
+        if dtype == torch.float32 and v.numel() and not bool(((v >= 0) & torch.isfinite(v)).all()):
+            raise _corrupt(where, f"{key} has negative, NaN or infinite entries")
 
 
 def _check_dense_entry(s: dict, p: Tensor, local: Tensor, where: str) -> None:

@@ -12,8 +12,9 @@ from .. import ops
 from . import grad_hooks
 from .applied_grad import applied_grad, has_grad
 from .checkpoint import load_lift_state_dict
+from .moments import Books, bits_of_state
 from .selection import needs_grad, needs_selection, refresh
-from .state import init_dense_state, install_selection, uses_master
+from .state import check_same_bits, init_dense_state, install_selection, uses_master
 from .strategy import LocalStrategy
 from .validation import (check_finite_weights, check_flag, check_hyperparameters, check_lift_param,
                          check_seed, check_step_dtypes, check_unchanged_shape)
@@ -44,7 +45,9 @@ class LIFTAdamW(torch.optim.Optimizer):
     ("lift", or the ablations "magnitude", "random", "gradient", "movement": selection.py), ``svd``
     ("fast" or "exact"), ``largest`` (False selects the smallest entries), ``master_weights`` (None:
     fp32 masters of the selected entries for bf16/fp16 weights, so small updates are not rounded
-    away), and torch.optim.AdamW's ``lr``, ``betas`` (floats or one-element tensors), ``eps``,
+    away), ``moment_bits`` (32: fp32 moments; 8: the moments of the selected entries as block-wise
+    scaled uint8 codes, ``ops.sparse_adamw8bit_step``; fixed once a weight has state), and
+    torch.optim.AdamW's ``lr``, ``betas`` (floats or one-element tensors), ``eps``,
     ``weight_decay`` and ``maximize``. ``foreach`` and ``fused`` choose the implementation of the
     dense AdamW part as in torch.optim.AdamW (LIFT weights always step with one fused kernel per
     bucket). ``amsgrad``, ``capturable`` and ``differentiable`` are accepted only as False.
@@ -83,14 +86,15 @@ class LIFTAdamW(torch.optim.Optimizer):
                  update_interval: int = 400, selector: str = "lift", svd: str = "fast",
                  largest: bool = True, seed: int = 0, sparse_grad: bool = False,
                  master_weights: bool | None = None, selection_group="world",
-                 skip_nonfinite: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 skip_nonfinite: bool = False, *, moment_bits: int = 32, maximize: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, amsgrad: bool = False, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused, rank=rank,
                         density=density, lra_rank=lra_rank, update_interval=update_interval,
-                        selector=selector, svd=svd, largest=largest, lift=None, master_weights=master_weights)
+                        selector=selector, svd=svd, largest=largest, lift=None, master_weights=master_weights,
+                        moment_bits=moment_bits)
         self._seed = check_seed(seed)
         self.sparse_grad = check_flag("sparse_grad", sparse_grad)
         self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
@@ -109,6 +113,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._sparse_grads: dict[Tensor, Tensor] = {}
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
+        self._books = Books()  # the 8-bit moments' code books, once per device
 
     def _hook_all(self) -> None:
         """Hook every LIFT weight that trains and make this optimizer the one whose hooks act on it."""
@@ -211,6 +216,11 @@ class LIFTAdamW(torch.optim.Optimizer):
             check_hyperparameters(group)
             for p, name in lift:
                 check_lift_param(p, name, group, self.sparse_grad)
+                if group["moment_bits"] == 8 and self.strategy.is_dtensor(p):
+                    # block scales cover runs of a rank's own entries, which the distributed
+                    # checkpoint could not reshard onto another number of ranks
+                    raise ValueError(f"moment_bits=8 is not supported on FSDP2-sharded (DTensor) weights "
+                                     f"such as {name}; use moment_bits=32 for sharded weights")
         except ValueError:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
@@ -269,7 +279,12 @@ class LIFTAdamW(torch.optim.Optimizer):
         positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
         for t, ps in by_step.items():
             for p, idx in refresh(group, ps, t, positions, self._seed, grads, self.strategy):
-                install_selection(self.state[p], p, self.strategy.local(p), idx, uses_master(group, p), t)
+                install_selection(self.state[p], p, self.strategy.local(p), idx, uses_master(group, p), t,
+                                  self._moment_books(group, p))
+
+    def _moment_books(self, group: dict, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The code books on ``p``'s device for a group with 8-bit moments, else None."""
+        return self._books.on(self.strategy.local(p).device) if group["moment_bits"] == 8 else None
 
     def _select_due_of(self, p: Tensor) -> None:
         """From a gradient hook: if ``p`` is due, select every due weight of its group at once,
@@ -351,6 +366,9 @@ class LIFTAdamW(torch.optim.Optimizer):
         """None if skip_nonfinite skips this step (counted, nothing else changes); else, per group,
         the tensor lists and options of its dense AdamW step. Host-side so that a compiled step never
         holds a LIFT weight (its gradient may be a GatheredGrad, and its state is read on the host)."""
+        for group in self.param_groups:  # before the dense part steps: nothing changes on a refusal
+            for p in self._lift_of(group):
+                check_same_bits(self.state.get(p, {}), group["moment_bits"], self._name_of(p))
         if self.skip_nonfinite and not self._grads_finite():
             self.skipped_steps += 1
             return None
@@ -408,15 +426,25 @@ class LIFTAdamW(torch.optim.Optimizer):
             state = self.state[p]
             grads[p] = self._step_grad(p, maximize)
             dense = grads[p].shape == local(p).shape
-            buckets[(p.device, p.dtype, state["step"] + 1, "master" in state, dense)].append(p)
-        for (_, _, step, has_master, _), ps in buckets.items():
+            key = (p.device, p.dtype, state["step"] + 1, "master" in state, dense, bits_of_state(state))
+            buckets[key].append(p)
+        for (_, _, step, has_master, _, bits), ps in buckets.items():
             states = [self.state[p] for p in ps]
-            ops.sparse_adamw_step(  # on the local rows of sharded weights, with their local idx
-                [local(p) for p in ps], [grads[p] for p in ps], [s["idx"] for s in states],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["master"] for s in states] if has_master else None, step=step,
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"])
+            hyper = dict(step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            masters = [s["master"] for s in states] if has_master else None
+            # on the local rows of sharded weights, with their local idx
+            weights, step_grads, idxs = [local(p) for p in ps], [grads[p] for p in ps], [s["idx"] for s in states]
+            if bits == 8:
+                exp_avg_book, exp_avg_sq_book = self._books.on(weights[0].device)
+                ops.sparse_adamw8bit_step(
+                    weights, step_grads, idxs, [s["exp_avg_codes"] for s in states],
+                    [s["exp_avg_scales"] for s in states], [s["exp_avg_sq_codes"] for s in states],
+                    [s["exp_avg_sq_scales"] for s in states], masters, exp_avg_book=exp_avg_book,
+                    exp_avg_sq_book=exp_avg_sq_book, **hyper)
+            else:
+                ops.sparse_adamw_step(weights, step_grads, idxs, [s["exp_avg"] for s in states],
+                                      [s["exp_avg_sq"] for s in states], masters, **hyper)
             for s in states:
                 s["step"] = step
 

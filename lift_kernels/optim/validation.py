@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from .moments import check_moment_bits
 from .selection import check_selection, is_int, real
 
 __all__ = ["check_finite_weights", "check_flag", "check_hyperparameters", "check_lift_param", "check_seed",
@@ -59,6 +60,7 @@ def check_hyperparameters(group: dict) -> None:
     if group["master_weights"] not in (None, True, False):
         raise ValueError(f"master_weights must be True, False or None (on for bf16/fp16 weights), "
                          f"got {group['master_weights']!r}")
+    check_moment_bits(group["moment_bits"])
     if group["lift"] not in (None, True, False):
         raise ValueError(f"lift must be True, False or None (2-D tensors), got {group['lift']!r}")
 
