@@ -23,7 +23,9 @@ pytest.importorskip("triton")
 # in the kernel's module were chosen for; see the comment there).
 TRITON_BUDGET = {"sparse_adamw_step": {"registers": 48, "warps_per_sm": 40},
                  "remap_state": {"registers": 32, "warps_per_sm": 64},
-                 "sparse_adamw8bit_step": {"registers": 48, "warps_per_sm": 40}}
+                 # the block max and the code search add live values: Triton 3.8 allocates up to 51
+                 # registers (56 with the allocation granularity: 36 warps of 2-warp programs), 3.9 48
+                 "sparse_adamw8bit_step": {"registers": 56, "warps_per_sm": 36}}
 # Thread blocks per SM of the top-k tile kernels, as column_splits plans them (kBlocksPerSm in
 # topk_abs_product.cu): the cubin must fit that many.
 TILE_KERNELS = ("histogram_kernel", "count_kernel", "emit_kernel")
