@@ -30,7 +30,8 @@ def _without_extension(monkeypatch, forced):
 
 def test_info_reports_every_op_and_the_extension():
     info = lk.info()
-    assert set(info["ops"]) == set(ops.OPS) == {"sparse_adamw_step", "remap_state", "principal_weights"}
+    assert set(info["ops"]) == set(ops.OPS) == {"sparse_adamw_step", "sparse_adamw8bit_step", "remap_state",
+                                                "principal_weights"}
     assert info["extension"]["loaded"] == (_ext.EXT is not None)
     assert info["forced_backend"] is None
     for op, per_device in info["ops"].items():
