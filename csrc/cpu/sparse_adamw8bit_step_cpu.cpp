@@ -21,6 +21,7 @@
 
 #include "../kernels.h"
 #include "adamw_tile.h"
+#include "step_args.h"
 
 namespace lift {
 namespace {
@@ -125,7 +126,6 @@ bool update_any_block(const Weight& w, int64_t b, TileFn f, const Hyper& h, cons
   }
 }
 
-bool is_weight_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 constexpr const char* kOp = "sparse_adamw8bit_step: ";
 
@@ -182,14 +182,7 @@ void sparse_adamw8bit_step_cpu(const std::vector<at::Tensor>& params, const std:
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& idx = idxs[i];
-    TORCH_CHECK(p.device().is_cpu(), kOp, "params[", i, "] must be a CPU tensor for this kernel, got ", p.device());
-    TORCH_CHECK(is_weight_dtype(p.scalar_type()), kOp, "params[", i, "] must be fp32, bf16 or fp16, got ",
-                p.scalar_type());
-    TORCH_CHECK(p.is_contiguous(), kOp, "params[", i,
-                "] must be contiguous (its entries are updated in place at flat indices)");
-    TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
-                kOp, "idxs[", i, "] must be a contiguous 1-D int32 CPU tensor of sorted flat indices, got ",
-                idx.scalar_type(), " of shape ", idx.sizes(), " on ", idx.device());
+    step_args::check_weight(kOp, i, p, idx);
     const int64_t k = idx.numel();
     const int64_t blocks = (k + kBlock - 1) / kBlock;
     check_vector(exp_avg_codes[i], "exp_avg_codes", i, at::kByte, k, "k, the length of idxs[i]");
@@ -205,18 +198,9 @@ void sparse_adamw8bit_step_cpu(const std::vector<at::Tensor>& params, const std:
       }
     }
     at::Tensor g = grads[i];
-    TORCH_CHECK(g.device().is_cpu(), kOp, "grads[", i, "] must be a CPU tensor like params[", i, "], got ",
-                g.device());
-    TORCH_CHECK(is_weight_dtype(g.scalar_type()), kOp, "grads[", i, "] must be fp32, bf16 or fp16, got ",
-                g.scalar_type());
-    const bool gathered = g.sizes() != p.sizes();
-    TORCH_CHECK(!gathered || (g.dim() == 1 && g.numel() == k), kOp, "grads[", i, "] must have the weight's shape ",
-                p.sizes(), " (dense gradient) or be a vector of length k=", k, " (gathered gradient), got shape ",
-                g.sizes());
+    const bool gathered = step_args::check_grad(kOp, i, p, g, k);
     if (k == 0) continue;
-    const int32_t* ix = idx.const_data_ptr<int32_t>();
-    TORCH_CHECK(ix[0] >= 0 && ix[k - 1] < p.numel(), kOp, "idxs[", i, "] must be sorted flat indices in [0, ",
-                p.numel(), ") (the numel of params[", i, "]), got first ", ix[0], " and last ", ix[k - 1]);
+    const int32_t* ix = step_args::check_index_range(kOp, i, p, idx);
     if (!g.is_contiguous()) g = contiguous_grads.emplace_back(g.contiguous());
     weights.push_back(Weight{p.data_ptr(), g.const_data_ptr(), ix, exp_avg_codes[i].data_ptr<uint8_t>(),
                              exp_avg_scales[i].data_ptr<float>(), exp_avg_sq_codes[i].data_ptr<uint8_t>(),

@@ -27,6 +27,7 @@
 
 #include "../kernels.h"
 #include "adamw_tile.h"
+#include "step_args.h"
 
 namespace lift {
 namespace {
@@ -114,7 +115,7 @@ bool update_range(const Weight& w, int64_t lo, int64_t hi, TileFn tile_fn, const
   }
 }
 
-bool is_weight_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+constexpr const char* kOp = "sparse_adamw_step: ";
 
 // A length-k fp32 state vector (moment or master) of weight i, checked.
 float* state_ptr(const at::Tensor& s, const char* name, size_t i, int64_t k) {
@@ -149,15 +150,7 @@ void sparse_adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vec
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& idx = idxs[i];
-    TORCH_CHECK(p.device().is_cpu(), "sparse_adamw_step: params[", i, "] must be a CPU tensor for this kernel, got ",
-                p.device());
-    TORCH_CHECK(is_weight_dtype(p.scalar_type()), "sparse_adamw_step: params[", i,
-                "] must be fp32, bf16 or fp16, got ", p.scalar_type());
-    TORCH_CHECK(p.is_contiguous(), "sparse_adamw_step: params[", i,
-                "] must be contiguous (its entries are updated in place at flat indices)");
-    TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
-                "sparse_adamw_step: idxs[", i, "] must be a contiguous 1-D int32 CPU tensor of sorted flat indices, got ",
-                idx.scalar_type(), " of shape ", idx.sizes(), " on ", idx.device());
+    step_args::check_weight(kOp, i, p, idx);
     const int64_t k = idx.numel();
     float* m = state_ptr(exp_avgs[i], "exp_avgs", i, k);
     float* v = state_ptr(exp_avg_sqs[i], "exp_avg_sqs", i, k);
@@ -167,21 +160,11 @@ void sparse_adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vec
       if (ms.has_value() && ms->defined()) master = state_ptr(*ms, "masters", i, k);
     }
     at::Tensor g = grads[i];
-    TORCH_CHECK(g.device().is_cpu(), "sparse_adamw_step: grads[", i, "] must be a CPU tensor like params[", i,
-                "], got ", g.device());
-    TORCH_CHECK(is_weight_dtype(g.scalar_type()), "sparse_adamw_step: grads[", i,
-                "] must be fp32, bf16 or fp16, got ", g.scalar_type());
-    const bool gathered = g.sizes() != p.sizes();
-    TORCH_CHECK(!gathered || (g.dim() == 1 && g.numel() == k), "sparse_adamw_step: grads[", i,
-                "] must have the weight's shape ", p.sizes(), " (dense gradient) or be a vector of length k=", k,
-                " (gathered gradient), got shape ", g.sizes());
+    const bool gathered = step_args::check_grad(kOp, i, p, g, k);
     if (k == 0) continue;
-    TORCH_CHECK(idx.data_ptr<int32_t>()[0] >= 0 && idx.data_ptr<int32_t>()[k - 1] < p.numel(),
-                "sparse_adamw_step: idxs[", i, "] must be sorted flat indices in [0, ", p.numel(),
-                ") (the numel of params[", i, "]), got first ", idx.data_ptr<int32_t>()[0], " and last ",
-                idx.data_ptr<int32_t>()[k - 1]);
+    const int32_t* ix = step_args::check_index_range(kOp, i, p, idx);
     if (!g.is_contiguous()) g = contiguous_grads.emplace_back(g.contiguous());
-    weights.push_back(Weight{p.data_ptr(), g.const_data_ptr(), idx.const_data_ptr<int32_t>(), m, v, master,
+    weights.push_back(Weight{p.data_ptr(), g.const_data_ptr(), ix, m, v, master,
                              p.numel(), k, total, p.scalar_type(), g.scalar_type(), gathered});
     total += k;
   }
