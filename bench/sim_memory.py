@@ -12,7 +12,20 @@ iterations (forward, backward, optimizer step, zero_grad):
 - lift: LIFTAdamW(rank 128, lra_rank 64, sparse_grad=True, fp32 masters: the default for bf16) on
   the same projections; update_interval 3, so iteration 1 selects, iteration 2 is a plain step and
   iteration 3 re-selects (a refresh) inside its backward pass, as a real run does;
-- lift-8bit: as lift, with moment_bits=8 (the moments of the selected entries as 8-bit codes).
+- lift-8bit: as lift, with moment_bits=8 (the moments of the selected entries as 8-bit codes);
+- qlora: the projections as bitsandbytes Linear4bit (NF4, blocks of 64, double quant, bf16 compute:
+  QLoRA's setting; embeddings, norms and lm_head stay bf16), peft LoRA r128 (alpha 256) on them, AdamW
+  (fused=True) over the fp32 adapters.
+
+The 4-bit bases are bitsandbytes' own modules and code (Linear4bit.forward, bnb.matmul_4bit and its
+autograd function, quantize_4bit and dequantize_4bit through their registered fake kernels), with
+two stand-ins: the packed weight is a plain fake Parameter carrying Params4bit's attributes (a
+Params4bit cannot wrap a FakeTensor), and the quantization state (absmax codes, code books, offset),
+which bitsandbytes keeps outside the module's parameters and buffers, is counted as buffer memory.
+The forward's gemm_4bit is one op whose fake returns only its output; for the rows of this setting
+its CUDA kernel dequantizes the whole weight to bf16 first (see SelectionAwareTracker's
+_gemm_4bit_workspace), so the tracker makes those temporaries itself. The backward dequantizes
+through visible ops.
 
 The model is built on the meta device (peft's Module.to cannot swap FakeTensor parameters) and its
 parameters and buffers are then replaced by fake *CPU* tensors, a proxy for CUDA ones (fake CUDA
@@ -24,7 +37,7 @@ its fake returns only the indices. This script adds it at the moment of each sel
 op's own formula (csrc/lowrank.cpp:lowrank_workspace_bytes for a GPU, chunked as
 csrc/principal_weights.cpp does). LIFTAdamW's gathered gradients and the state a selection installs
 are made in a backward hook, where MemTracker would call them temporaries; they are labelled as
-gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). The four methods take a few minutes of one CPU core.
+gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). Each method takes a few minutes of one CPU core (--methods runs a subset).
 
     python bench/sim_memory.py --out bench/results/sim_memory_llama2_7b.json
 """
@@ -38,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 try:  # an installed lift_kernels, else this source checkout's
@@ -54,6 +67,16 @@ from lift_kernels.reference.lowrank import DEFAULT_OVERSAMPLE, DEFAULT_PASSES
 GIB = 1 << 30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CATEGORIES = ["Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other"]
+METHODS = ["full", "lora", "lift", "lift-8bit", "qlora", "lift-4bit", "lift-4bit-8bit"]
+FOUR_BIT = ("qlora", "lift-4bit", "lift-4bit-8bit")  # NF4 base
+# bitsandbytes/backends/cuda/ops.py (_gemm_4bit_custom_max_m): above this many rows the CUDA gemm_4bit
+# dequantizes the weight and calls F.linear instead of its fused kernel
+GEMM_4BIT_CUSTOM_MAX_M = 1536
+try:
+    import bitsandbytes as bnb
+    GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
+except ImportError:  # the 4-bit methods need it; the others do not
+    bnb = GEMM_4BIT = None
 
 
 # ------------------------------------------------------------------------------ native op workspace
@@ -94,6 +117,14 @@ class SelectionAwareTracker(MemTracker):
         self.lra_rank = lra_rank
         self.selection_peak = 0
         self.selection_calls = 0
+        self.gemm_4bit_fallbacks = 0
+
+    def track_quant_states(self, model: torch.nn.Module) -> None:
+        """Count each 4-bit weight's quantization state (absmax codes, their own absmax and offset,
+        the code books) as buffer memory: bitsandbytes keeps them in a QuantState object, not as
+        registered parameters or buffers, so MemTracker does not find them in the module."""
+        for t in quant_state_tensors(model):
+            self._update_and_maybe_create_winfos(t, _MemRefType.BUFFER)
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         # MemTracker registers a gradient hook on every parameter, which raises for frozen ones (LoRA's
@@ -118,7 +149,37 @@ class SelectionAwareTracker(MemTracker):
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
 
+    def _gemm_4bit_workspace(self, args, kwargs) -> list[torch.Tensor]:
+        """The tensors bitsandbytes::gemm_4bit's CUDA kernel allocates inside itself, which its fake
+        (output only) cannot show: past GEMM_4BIT_CUSTOM_MAX_M rows it takes the unfused path
+        (bitsandbytes/backends/cuda/ops.py, _dequant_linear_fallback): the fp32 absmax rebuilt from
+        the double-quantized one (and a second fp32 copy plus the offset), then the whole weight
+        dequantized to the activations' dtype, (out, in), all alive while F.linear writes the
+        output. They are made here as fake tensors and tracked as temporaries; the caller drops them
+        once the op's output is tracked, as the kernel frees them on return. Fewer rows: the fused
+        kernel, which reads the packed weight in place (nothing extra)."""
+        call = {**dict(zip(("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit",
+                            "absmax_code", "absmax_offset"), args)), **(kwargs or {})}
+        A = call["A"]
+        if A.numel() // A.shape[-1] <= GEMM_4BIT_CUSTOM_MAX_M:
+            return []
+        live = []
+        if call.get("absmax_8bit") is not None:
+            live.append(torch.empty_like(call["absmax_8bit"], dtype=torch.float32))
+            live.append(live[-1] + call["absmax_offset"])
+        live.append(torch.empty(call["shapeB"], dtype=A.dtype, device=A.device))
+        for t in live:
+            self._track(_MemRefType.TEMP, t)
+        self._update_peak_stats(None)
+        self.gemm_4bit_fallbacks += 1
+        return live
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is GEMM_4BIT:
+            workspace = self._gemm_4bit_workspace(args, kwargs)
+            res = super().__torch_dispatch__(func, types, args, kwargs)
+            del workspace  # freed as the kernel returns, after its output exists
+            return res
         if func is torch.ops.lift_kernels.principal_weights.default:
             call = {**dict(zip(("W", "k", "lra_rank", "svd"), args)), **(kwargs or {})}
             if call.get("svd", "fast") == "fast":  # the compiled kernel's path ("exact" is the reference's)
@@ -186,10 +247,69 @@ def build_model(layers: int, small: bool):
     return model
 
 
+def nf4_weight(shape: tuple[int, int], mode: FakeTensorMode, module) -> torch.nn.Parameter:
+    """An NF4 weight as bitsandbytes stores it, on fake storage: Params4bit(...).cuda() runs
+    bitsandbytes.functional.quantize_4bit (blocks of 64, double quant), whose fake op gives the
+    packed uint8 (out*in/2, 1) and the fp32 absmax per 64-block; its Python then keeps the absmax
+    8-bit quantized (uint8 per block, blocks of 256 with their own fp32 absmax and code book, fp32
+    offset) with the NF4 code book. That same function runs here on a fake bf16 weight.
+
+    Params4bit itself cannot hold a FakeTensor (Tensor._make_subclass refuses a tensor that is
+    already a FakeTensor), so the weight is a plain fake Parameter carrying the attributes
+    Params4bit adds (quant_state, blocksize, quant_type, ...), which is all Linear4bit.forward,
+    bnb.matmul_4bit and peft read."""
+    code_book = bnb.functional.name2qmap.get("dynamic")
+    try:
+        with mode:
+            # quantize_blockwise builds its 8-bit code book with .tolist(), which a fake cannot do
+            bnb.functional.name2qmap["dynamic"] = torch.empty(256, dtype=torch.float32)
+            packed, state = bnb.functional.quantize_4bit(torch.empty(shape, dtype=torch.bfloat16), blocksize=64,
+                                                         compress_statistics=True, quant_type="nf4",
+                                                         quant_storage=torch.uint8)
+    finally:
+        if code_book is None:
+            del bnb.functional.name2qmap["dynamic"]
+        else:
+            bnb.functional.name2qmap["dynamic"] = code_book
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state, weight.blocksize, weight.quant_type = state, 64, "nf4"
+    weight.compress_statistics, weight.quant_storage, weight.bnb_quantized, weight.module = True, torch.uint8, True, module
+    return weight
+
+
+def quantize_nf4(model) -> None:
+    """Replace every linear projection of the decoder layers by a bitsandbytes Linear4bit (NF4, double
+    quant, bf16 compute), as from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16)) does
+    (lm_head stays bf16). On meta; to_fake gives each its quantized fake weight."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if isinstance(module, torch.nn.Linear) and child in TARGETS:
+            with torch.device("meta"):
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+            setattr(model.get_submodule(parent), child, q)
+    model.is_loaded_in_4bit = True  # as transformers' bnb quantizer marks it (peft's LoRA dispatch reads it)
+
+
+def quant_state_tensors(model) -> list[torch.Tensor]:
+    """Every tensor of the 4-bit weights' quantization states (absmax, code books, offset, nested state)."""
+    out = []
+    for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            while state is not None:
+                out += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+                state = state.state2
+    return out
+
+
 def wrap(method: str, model, rank: int):
     """The model a method trains (peft's LoRA model wraps it; built on meta too: Module.to, which peft
     calls, cannot swap parameters that are FakeTensors)."""
-    if method != "lora":
+    if method in FOUR_BIT:
+        quantize_nf4(model)
+    if method not in ("lora", "qlora"):
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -210,14 +330,17 @@ def to_fake(model: torch.nn.Module, mode: FakeTensorMode) -> None:
         return memo[id(t)]
 
     for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            module.weight = nf4_weight((module.out_features, module.in_features), mode, module)
+            module.quant_state = module.weight.quant_state
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if t is not None:
+                if t is not None and not isinstance(t, FakeTensor):
                     table[name] = fake(t)
 
 
 def optimizer(method: str, model, rank: int, lra_rank: int, update_interval: int):
-    if method in ("full", "lora"):  # LoRA: peft froze all but the adapters
+    if method in ("full", "lora", "qlora"):  # LoRA: peft froze all but the adapters
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     if method in ("lift", "lift-8bit"):
         groups = lk.lift_param_groups(model, target_modules=TARGETS)  # freezes everything else
@@ -258,6 +381,7 @@ def simulate(method: str, args) -> dict:
             # alive between iterations (weights, buffers, optimizer state) are registered with it
             tracker = SelectionAwareTracker(args.lra_rank)
             tracker.track_external(model, opt)
+            tracker.track_quant_states(model)
             if lift:
                 tracker.label_lift_tensors(opt)
             with tracker:
@@ -275,6 +399,7 @@ def simulate(method: str, args) -> dict:
                 "peak_with_selection_workspace_bytes": max(peak["Total"], tracker.selection_peak),
                 "selection_calls": tracker.selection_calls,
                 "at_selection_with_workspace_bytes": tracker.selection_peak,
+                "gemm_4bit_unfused_calls": tracker.gemm_4bit_fallbacks,
                 "end_bytes": end,
             })
         trainable = trainable_count(method, model, opt)
@@ -322,7 +447,7 @@ def verdict(results: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="full,lora,lift,lift-8bit")
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)

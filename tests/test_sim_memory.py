@@ -54,3 +54,85 @@ def test_lift_8bit_state_is_codes_scales_index_and_master():
         # int32 idx, two uint8 codes and the fp32 master per selected entry, the block scales, and
         # the two 256-value fp32 code books (once per device; counted where the tracker sees them made)
         assert it["end_bytes"]["Optstate"] - (10 * k + scales) in (0, 2 * 256 * 4)
+
+
+def _nf4_projection(out_features, in_features):
+    """A module holding one NF4 q_proj on fake storage, as the 4-bit methods build their projections."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    with torch.device("meta"):
+        model = torch.nn.Module()
+        model.q_proj = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+    sim_memory.quantize_nf4(model)
+    sim_memory.to_fake(model, mode)
+    return model, mode
+
+
+def test_nf4_weight_has_the_layout_bitsandbytes_quantizes_to():
+    import pytest
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    model, _ = _nf4_projection(172, 64)
+    fake = model.q_proj.weight
+    packed, real = bnb.functional.quantize_4bit(torch.randn(172, 64, dtype=torch.bfloat16), blocksize=64,
+                                                compress_statistics=True, quant_type="nf4")
+
+    def layout(t):
+        return None if t is None else (tuple(t.shape), t.dtype)
+
+    assert layout(fake) == layout(packed) == ((172 * 64 // 2, 1), torch.uint8)
+    state = fake.quant_state
+    assert state.nested and real.nested and state.blocksize == real.blocksize == 64
+    for a, b in ((state, real), (state.state2, real.state2)):
+        assert [layout(a.absmax), layout(a.code), layout(a.offset)] == [layout(b.absmax), layout(b.code), layout(b.offset)]
+    assert layout(state.absmax) == ((172,), torch.uint8)  # one 8-bit absmax per 64 weights
+    assert isinstance(model.q_proj, bnb.nn.Linear4bit) and not fake.requires_grad
+
+
+def test_unfused_gemm_4bit_holds_the_dequantized_weight_while_it_writes_the_output(monkeypatch):
+    import pytest
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    model, mode = _nf4_projection(128, 256)
+    rows = 8
+    with mode:
+        x = torch.empty(rows, 256, dtype=torch.bfloat16)
+    for max_m, unfused in ((rows, False), (rows - 1, True)):
+        monkeypatch.setattr(sim_memory, "GEMM_4BIT_CUSTOM_MAX_M", max_m)
+        tracker = sim_memory.SelectionAwareTracker(2)
+        tracker.track_external(model)
+        tracker.track_quant_states(model)
+        with tracker, torch.no_grad():
+            model.q_proj(x)
+        peak = sim_memory.by_category(tracker.get_tracker_snapshot("peak"))
+        assert tracker.gemm_4bit_fallbacks == int(unfused)
+        blocks = 128 * 256 // 64
+        # the bf16 weight and the rebuilt fp32 absmax (and its copy plus the offset), next to the output
+        assert peak["Temp"] == (128 * 256 * 2 + 2 * 4 * blocks if unfused else 0)
+        assert peak["Activation"] == rows * 128 * 2
+        assert peak["Parameter"] == 128 * 256 // 2
+
+
+def test_qlora_base_is_packed_nf4_with_fp32_adapters_and_quant_states_as_buffers():
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    result = sim_memory.simulate("qlora", _args())
+    adapters = result["trainable"]
+    assert adapters == 2 * (4 * (64 + 64) + 3 * (64 + 172)) * 2
+    unquantized = 2 * (2 * 256 * 64 + 2 * 2 * 64 + 64)  # bf16 embeddings, lm_head and norms
+    packed = 2 * (4 * 64 * 64 + 3 * 64 * 172) // 2
+    assert result["peak_bytes"]["Parameter"] == unquantized + packed + 4 * adapters
+
+    def state(numel):  # uint8 absmax per 64, fp32 NF4 code book (16), offset, fp32 absmax per 256 blocks, code book (256)
+        blocks = numel // 64
+        return blocks + 4 * 16 + 4 + 4 * -(-blocks // 256) + 4 * 256
+
+    rotary = 2 * 4 * (64 // 4 // 2)  # inv_freq and original_inv_freq, fp32
+    assert result["peak_bytes"]["Buffer"] == rotary + 2 * (4 * state(64 * 64) + 3 * state(64 * 172))
+    for it in result["iterations"]:
+        assert it["end_bytes"]["Optstate"] >= 8 * adapters and it["selection_calls"] == 0
