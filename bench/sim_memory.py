@@ -72,6 +72,10 @@ FOUR_BIT = ("qlora", "lift-4bit", "lift-4bit-8bit")  # NF4 base
 # bitsandbytes/backends/cuda/ops.py (_gemm_4bit_custom_max_m): above this many rows the CUDA gemm_4bit
 # dequantizes the weight and calls F.linear instead of its fused kernel
 GEMM_4BIT_CUSTOM_MAX_M = 1536
+SAMPLED_WEIGHT_GRAD = getattr(torch.ops.lift_kernels, "sampled_weight_grad", None)
+if SAMPLED_WEIGHT_GRAD is not None:
+    SAMPLED_WEIGHT_GRAD = SAMPLED_WEIGHT_GRAD.default
+    from lift_kernels.reference.sampled_grad import CHUNK_ELEMENTS as SDDMM_CHUNK_ELEMENTS
 try:
     import bitsandbytes as bnb
     GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
@@ -174,7 +178,33 @@ class SelectionAwareTracker(MemTracker):
         self.gemm_4bit_fallbacks += 1
         return live
 
+    def _sampled_grad_workspace(self, args, kwargs) -> list[torch.Tensor]:
+        """The temporaries of lift_kernels::sampled_weight_grad (the delta's gradient over a quantized
+        base), which its fake (output only) cannot show. No compiled kernel is registered for it: a
+        GPU runs the reference (lift_kernels/reference/sampled_grad.py), whose largest moment is one
+        chunk: idx as int64, fp32 copies of half-precision grad_out (T, m) and x (T, n), a chunk's
+        int64 rows and columns and its gathered (T, chunk) fp32 operands and their product."""
+        call = {**dict(zip(("grad_out", "x", "idx"), args)), **(kwargs or {})}
+        grad_out, x, idx = call["grad_out"], call["x"], call["idx"]
+        T, k = x.shape[0], idx.numel()
+        if k == 0 or T == 0:
+            return []
+        chunk = min(k, max(1, SDDMM_CHUNK_ELEMENTS // T))
+        live = [torch.empty(k, dtype=torch.int64, device=x.device)]
+        live += [torch.empty_like(t, dtype=torch.float32) for t in (grad_out, x) if t.dtype != torch.float32]
+        live += [torch.empty(chunk, dtype=torch.int64, device=x.device) for _ in range(2)]
+        live += [torch.empty((T, chunk), dtype=torch.float32, device=x.device) for _ in range(3)]
+        for t in live:
+            self._track(_MemRefType.TEMP, t)
+        self._update_peak_stats(None)
+        return live
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is SAMPLED_WEIGHT_GRAD:
+            workspace = self._sampled_grad_workspace(args, kwargs)
+            res = super().__torch_dispatch__(func, types, args, kwargs)
+            del workspace
+            return res
         if func is GEMM_4BIT:
             workspace = self._gemm_4bit_workspace(args, kwargs)
             res = super().__torch_dispatch__(func, types, args, kwargs)
@@ -342,10 +372,10 @@ def to_fake(model: torch.nn.Module, mode: FakeTensorMode) -> None:
 def optimizer(method: str, model, rank: int, lra_rank: int, update_interval: int):
     if method in ("full", "lora", "qlora"):  # LoRA: peft froze all but the adapters
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    if method in ("lift", "lift-8bit"):
+    if method.startswith("lift"):
         groups = lk.lift_param_groups(model, target_modules=TARGETS)  # freezes everything else
         return lk.LIFTAdamW(groups, lr=1e-4, rank=rank, lra_rank=lra_rank, update_interval=update_interval,
-                            sparse_grad=True, moment_bits=8 if method == "lift-8bit" else 32)
+                            sparse_grad=True, moment_bits=8 if method.endswith("-8bit") else 32)
     raise ValueError(method)
 
 
@@ -371,6 +401,9 @@ def simulate(method: str, args) -> dict:
     mode = FakeTensorMode()
     model = wrap(method, build_model(args.layers, args.small), args.rank)
     to_fake(model, mode)
+    if method in FOUR_BIT and lift:
+        with mode:  # the new deltas and positions are made fake (the registry keeps their objects)
+            lk.quantized.quantize_for_lift(model, TARGETS)
     with mode:
         opt = optimizer(method, model, args.rank, args.lra_rank, update_interval=3)
         vocab = model.config.vocab_size

@@ -136,3 +136,25 @@ def test_qlora_base_is_packed_nf4_with_fp32_adapters_and_quant_states_as_buffers
     assert result["peak_bytes"]["Buffer"] == rotary + 2 * (4 * state(64 * 64) + 3 * state(64 * 172))
     for it in result["iterations"]:
         assert it["end_bytes"]["Optstate"] >= 8 * adapters and it["selection_calls"] == 0
+
+
+def test_sampled_weight_grad_counts_the_reference_chunk_it_runs_on_a_gpu(monkeypatch):
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lift_kernels import ops
+
+    T, m, n, k, chunk = 32, 48, 40, 300, 128
+    monkeypatch.setattr(sim_memory, "SDDMM_CHUNK_ELEMENTS", T * chunk)
+    mode = FakeTensorMode()
+    with mode:
+        grad_out, x = torch.empty(T, m, dtype=torch.bfloat16), torch.empty(T, n, dtype=torch.bfloat16)
+        idx = torch.empty(k, dtype=torch.int32)
+        tracker = sim_memory.SelectionAwareTracker(2)
+        with tracker:
+            ops.sampled_weight_grad(grad_out, x, idx)
+    peak = sim_memory.by_category(tracker.get_tracker_snapshot("peak"))
+    # int64 idx, fp32 copies of both operands, a chunk's int64 rows and columns and its three (T, chunk)
+    # fp32 tensors; the fp32 (k,) result next to them
+    assert peak["Temp"] == 8 * k + 4 * T * (m + n) + 2 * 8 * chunk + 3 * 4 * T * chunk
+    assert peak["Activation"] == 4 * k
