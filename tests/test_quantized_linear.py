@@ -284,8 +284,6 @@ def test_lift_param_groups_lists_the_deltas():
     assert only[0]["param_names"] == ["mlp.down_proj.delta"]
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="LIFTAdamW takes 1-D deltas once its integration (lift_adamw.py, the lead's) lands")
 def test_liftadamw_groups_built_from_lift_param_groups_hold_the_deltas():
     model = TinyQuantLM("nf4")
     quantize_for_lift(model)
