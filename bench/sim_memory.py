@@ -15,7 +15,13 @@ iterations (forward, backward, optimizer step, zero_grad):
 - lift-8bit: as lift, with moment_bits=8 (the moments of the selected entries as 8-bit codes);
 - qlora: the projections as bitsandbytes Linear4bit (NF4, blocks of 64, double quant, bf16 compute:
   QLoRA's setting; embeddings, norms and lm_head stay bf16), peft LoRA r128 (alpha 256) on them, AdamW
-  (fused=True) over the fp32 adapters.
+  (fused=True) over the fp32 adapters;
+- lift-4bit, lift-4bit-8bit: the same NF4 base, each projection wrapped by
+  lift_kernels.quantized.quantize_for_lift (a trainable fp32 delta at int32 positions over the frozen
+  4-bit weight), LIFTAdamW as lift / lift-8bit (no masters: the delta is fp32), the same three
+  iterations. A quantized layer selects in its forward pre-hook and its delta grows to the union of
+  the positions trained so far and the new selection; fake tensors cannot tell how far the two
+  overlap, so a refresh is simulated with no overlap (growth_without_overlap): the most it grows.
 
 The 4-bit bases are bitsandbytes' own modules and code (Linear4bit.forward, bnb.matmul_4bit and its
 autograd function, quantize_4bit and dequantize_4bit through their registered fake kernels), with
@@ -48,6 +54,7 @@ import json
 import platform
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -247,10 +254,31 @@ class SelectionAwareTracker(MemTracker):
 
         applied_grad.before_accumulate, applied_grad.after_accumulate = labelled(before), after_and_relabel
         self._lift_opt, self._lift_hooks = opt, (before, after)
+        if hasattr(opt, "_before_quant_forward"):
+            # A quantized layer's selection runs in its forward pre-hook, where MemTracker would call
+            # the state it installs activations. The layer's grown delta and positions stay the
+            # layer's parameter and buffer. The selection runs without autograd here: LIFTAdamW
+            # runs it with grad mode on, so inside a checkpointed decoder layer the original forward
+            # saves the selection's tensors and the recompute does not, and backward raises
+            # CheckpointError (a real run fails so too); a selection's result needs no graph.
+            select = opt._before_quant_forward
+
+            def select_labelled(p: torch.Tensor, layer) -> None:
+                self._in_opt = True
+                try:
+                    with torch.no_grad():
+                        select(p, layer)
+                finally:
+                    self._in_opt = False
+                self._update_and_maybe_create_winfos(layer.delta, _MemRefType.PARAM)
+                self._update_and_maybe_create_winfos(layer.positions, _MemRefType.BUFFER)
+
+            opt._before_quant_forward = select_labelled
 
     def __exit__(self, *args):
         if getattr(self, "_lift_opt", None) is not None:
             applied_grad.before_accumulate, applied_grad.after_accumulate = self._lift_hooks  # as they were
+            self._lift_opt.__dict__.pop("_before_quant_forward", None)
             self._lift_opt = None
         return super().__exit__(*args)
 
@@ -334,6 +362,33 @@ def quant_state_tensors(model) -> list[torch.Tensor]:
     return out
 
 
+@contextmanager
+def growth_without_overlap():
+    """LIFTQuantLinear.grow on fake positions. The size of the union of the old positions and a
+    new selection depends on their values (how many of the selected entries were selected before),
+    which fake tensors do not have: here no entry of a new selection was selected before, so a
+    refresh grows the delta by the whole selection (the largest it can grow; a selection that
+    overlaps the old one adds less). The union's tensors are allocated as
+    lift_kernels/quantized/positions.py:union allocates them (the concatenation, the union, int64
+    search results, int32 slots); the value checks of the new positions (data) are skipped."""
+    from lift_kernels.quantized import linear
+
+    def union(old: torch.Tensor, new: torch.Tensor):
+        both = torch.cat([old, new])
+        positions = both.clone()  # unique's result: every position once, sorted
+        del both
+        slots = torch.empty(new.shape, dtype=torch.int64, device=new.device).to(torch.int32)
+        old_to_new = torch.empty(old.shape, dtype=torch.int64, device=old.device)
+        return positions, slots, old_to_new
+
+    saved = linear.union, linear.check_positions
+    linear.union, linear.check_positions = union, lambda *args: None
+    try:
+        yield
+    finally:
+        linear.union, linear.check_positions = saved
+
+
 def wrap(method: str, model, rank: int):
     """The model a method trains (peft's LoRA model wraps it; built on meta too: Module.to, which peft
     calls, cannot swap parameters that are FakeTensors)."""
@@ -404,7 +459,7 @@ def simulate(method: str, args) -> dict:
     if method in FOUR_BIT and lift:
         with mode:  # the new deltas and positions are made fake (the registry keeps their objects)
             lk.quantized.quantize_for_lift(model, TARGETS)
-    with mode:
+    with mode, growth_without_overlap() if method in FOUR_BIT and lift else nullcontext():
         opt = optimizer(method, model, args.rank, args.lra_rank, update_interval=3)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (args.batch, args.seq))

@@ -117,6 +117,19 @@ def test_unfused_gemm_4bit_holds_the_dequantized_weight_while_it_writes_the_outp
         assert peak["Parameter"] == 128 * 256 // 2
 
 
+def _quant_state_bytes(numel):
+    """uint8 absmax per 64 weights, the fp32 NF4 code book (16), the fp32 offset, an fp32 absmax per
+    256 absmax blocks and their 8-bit code book (256 fp32)."""
+    blocks = numel // 64
+    return blocks + 4 * 16 + 4 + 4 * -(-blocks // 256) + 4 * 256
+
+
+# the tiny Llama with NF4 projections: bf16 embeddings, lm_head and norms, packed 4-bit projections,
+# the rotary inv_freq and original_inv_freq (fp32) and the projections' quantization states
+NF4_PARAMETERS = 2 * (2 * 256 * 64 + 2 * 2 * 64 + 64) + 2 * (4 * 64 * 64 + 3 * 64 * 172) // 2
+NF4_BUFFERS = 2 * 4 * (64 // 4 // 2) + 2 * (4 * _quant_state_bytes(64 * 64) + 3 * _quant_state_bytes(64 * 172))
+
+
 def test_qlora_base_is_packed_nf4_with_fp32_adapters_and_quant_states_as_buffers():
     import pytest
 
@@ -124,16 +137,9 @@ def test_qlora_base_is_packed_nf4_with_fp32_adapters_and_quant_states_as_buffers
     result = sim_memory.simulate("qlora", _args())
     adapters = result["trainable"]
     assert adapters == 2 * (4 * (64 + 64) + 3 * (64 + 172)) * 2
-    unquantized = 2 * (2 * 256 * 64 + 2 * 2 * 64 + 64)  # bf16 embeddings, lm_head and norms
-    packed = 2 * (4 * 64 * 64 + 3 * 64 * 172) // 2
-    assert result["peak_bytes"]["Parameter"] == unquantized + packed + 4 * adapters
+    assert result["peak_bytes"]["Parameter"] == NF4_PARAMETERS + 4 * adapters
 
-    def state(numel):  # uint8 absmax per 64, fp32 NF4 code book (16), offset, fp32 absmax per 256 blocks, code book (256)
-        blocks = numel // 64
-        return blocks + 4 * 16 + 4 + 4 * -(-blocks // 256) + 4 * 256
-
-    rotary = 2 * 4 * (64 // 4 // 2)  # inv_freq and original_inv_freq, fp32
-    assert result["peak_bytes"]["Buffer"] == rotary + 2 * (4 * state(64 * 64) + 3 * state(64 * 172))
+    assert result["peak_bytes"]["Buffer"] == NF4_BUFFERS
     for it in result["iterations"]:
         assert it["end_bytes"]["Optstate"] >= 8 * adapters and it["selection_calls"] == 0
 
@@ -158,3 +164,24 @@ def test_sampled_weight_grad_counts_the_reference_chunk_it_runs_on_a_gpu(monkeyp
     # fp32 tensors; the fp32 (k,) result next to them
     assert peak["Temp"] == 8 * k + 4 * T * (m + n) + 2 * 8 * chunk + 3 * 4 * T * chunk
     assert peak["Activation"] == 4 * k
+
+
+def test_lift_4bit_trains_a_delta_over_the_nf4_base_that_a_refresh_grows():
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    for method, state_per_entry in (("lift-4bit", 12), ("lift-4bit-8bit", 6)):
+        result = sim_memory.simulate(method, _args())
+        k = result["trainable"]
+        assert k == 2 * 2 * (4 * (64 + 64) + 3 * (64 + 172))  # the same budget as the bf16 rows
+        assert [it["selection_calls"] > 0 for it in result["iterations"]] == [True, False, True]
+        for it, entries in zip(result["iterations"], (k, k, 2 * k)):
+            end = it["end_bytes"]
+            # the fp32 delta is a parameter and its int32 positions a buffer, one each per entry the
+            # run has trained: k after the first selection, 2k after a refresh that shares none
+            assert end["Parameter"] == NF4_PARAMETERS + 4 * entries
+            assert end["Buffer"] == NF4_BUFFERS + 4 * entries
+            # int32 idx and the moments of the selected entries (fp32, or uint8 codes with their
+            # block scales and the two code books): no master copy, the delta is fp32
+            assert state_per_entry * k <= end["Optstate"] <= state_per_entry * k + (0 if state_per_entry == 12 else 4096)
+            assert end["Gradient"] == 0
