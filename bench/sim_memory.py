@@ -50,6 +50,7 @@ gradients and optimizer memory (SelectionAwareTracker.label_lift_tensors). Each 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import sys
@@ -530,6 +531,17 @@ def verdict(results: list[dict]) -> dict:
         if "lora" in peak:
             out["lift_over_lora"] = peak["lift"] / peak["lora"]
             out["lift_within_1.1x_lora"] = out["lift_over_lora"] <= 1.1
+    # issue 20's goal for a 4-bit base: LIFT with 8-bit moments within 10 GiB and below QLoRA
+    # (also before the refresh: iterations 1 and 2, where the delta holds the first selection only)
+    before = {r["method"]: max(it["peak_with_selection_workspace_bytes"] for it in r["iterations"][:2])
+              for r in results}
+    for method in ("lift-4bit", "lift-4bit-8bit"):
+        for when, peaks in (("", peak), ("_before_refresh", before)):
+            if method in peaks:
+                out[f"{method}{when}_within_10GiB"] = peaks[method] <= 10 * GIB
+                if "qlora" in peak:
+                    out[f"{method}{when}_over_qlora"] = peaks[method] / peak["qlora"]
+                    out[f"{method}{when}_below_qlora"] = peaks[method] < peak["qlora"]
     return out
 
 
@@ -556,8 +568,14 @@ def main() -> None:
         meta = {"simulated": True, "how": "FakeTensorMode (fake CPU tensors) + torch MemTracker; no memory allocated",
                 "model": "LlamaForCausalLM, LLaMA-2-7B shapes" if not args.small else "tiny Llama (smoke)",
                 "layers": args.layers, "seq": args.seq, "batch": args.batch, "rank": args.rank,
-                "lra_rank": args.lra_rank, "weights": "bf16", "activation_checkpointing": "every layer, non-reentrant",
+                "lra_rank": args.lra_rank, "weights": "bf16",
+                "four_bit_base": "qlora, lift-4bit*: projections as bitsandbytes Linear4bit (NF4, blocksize 64, "
+                                 "double quant, bf16 compute); the rest bf16",
+                "four_bit_refresh": "a refresh's selection shares no position with the delta's (the most it grows)",
+                "activation_checkpointing": "every layer, non-reentrant",
                 "torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": importlib.metadata.version("peft"),
+                "bitsandbytes": bnb.__version__ if bnb is not None else None,
                 "machine": platform.processor() or platform.machine(),
                 "command": " ".join([Path(sys.executable).name, *sys.argv])}
         args.out.parent.mkdir(parents=True, exist_ok=True)
