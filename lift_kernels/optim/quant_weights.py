@@ -21,15 +21,12 @@ import weakref
 import torch
 from torch import Tensor
 
+from ..quantized.registry import quant_owner
 from .gathered_grad import GatheredGrad
 
 
 def owner(p: Tensor):
-    """The LIFTQuantLinear whose delta ``p`` is, or None (also when bitsandbytes support is absent)."""
-    try:
-        from ..quantized import quant_owner
-    except ImportError:
-        return None
+    """The LIFTQuantLinear whose delta ``p`` is, or None."""
     return quant_owner(p)
 
 

@@ -95,18 +95,17 @@ class LIFTQuantLinear(nn.Module):
         with. Differentiable with respect to ``delta``."""
         W = dequantize(self.base, self.kind)
         if self.delta.numel():
-            W.view(-1).index_add_(0, self.positions.long(), self.delta)
+            W.view(-1).index_add_(0, self.positions, self.delta)  # int32 indices: no int64 copy per call
         return W.to(dtype)
 
     def delta_grad(self, grad_out: Tensor, x: Tensor) -> Tensor:
         """The gradient of ``delta`` (fp32, (U,)) for 2-D grad_out (T, out) and x (T, in): formed at
         the selected slots, zero at the others."""
-        if self.selected is None:
+        slots = self.selected
+        if slots is None or slots.numel() == self.delta.numel():  # sorted, distinct: every slot
             return ops.sampled_weight_grad(grad_out, x, self.positions)
-        slots = self.selected.long()
-        grad = torch.zeros_like(self.delta)
-        grad[slots] = ops.sampled_weight_grad(grad_out, x, self.positions[slots])
-        return grad
+        values = ops.sampled_weight_grad(grad_out, x, self.positions.index_select(0, slots))
+        return torch.zeros_like(self.delta).index_add_(0, slots, values)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
