@@ -202,3 +202,18 @@ def test_a_gradient_from_before_the_optimizer_is_refused():
     opt.zero_grad()
     _train(model, opt, _batches(1))
     assert all(q.delta.count_nonzero() > 0 for q in _layers(model))
+
+
+def test_selection_inside_an_activation_checkpointed_block():
+    """The forward pre-hook selects with autograd off: a checkpointed block's recompute (no selection)
+    saves what its forward saved, on the selecting steps too."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _quantized_chain("nf4")
+    opt = lk.LIFTAdamW(lk.lift_param_groups(model), **{**OPTIONS, "update_interval": 2})
+    for x, y in _batches(4):
+        out = checkpoint(model, x, use_reentrant=False)
+        nn.functional.mse_loss(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(q.delta.count_nonzero() > 0 for q in _layers(model))

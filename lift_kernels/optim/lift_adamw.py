@@ -324,7 +324,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         if needs_selection(state, group, state.get("step", 0) + 1):
             self._select_due(group, self._lift_of(group))
 
-    @host_side  # a selection (host decisions, a grown delta) is never traced into a compiled forward
+    # A selection (host decisions, a grown delta) is never traced into a compiled forward, and records
+    # nothing for autograd: inside an activation-checkpointed block the recompute (which does not
+    # select again) must save exactly what the forward saved.
+    @host_side
+    @torch.no_grad()
     def _before_quant_forward(self, p: Tensor, layer) -> None:
         """Before a forward of quantized ``layer`` (whose delta is ``p``): select its group's quantized
         layers if due, and show the layer the slots whose gradient its backward forms."""
