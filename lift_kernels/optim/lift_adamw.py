@@ -115,6 +115,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
         self._books = Books()  # the 8-bit moments' code books, once per device
+        self._counting = quant_weights.Counting()  # 0..U-1 for quantized layers' whole-delta selections
 
     def _hook_all(self) -> None:
         """Hook every LIFT weight that trains and make this optimizer the one whose hooks act on it."""
@@ -308,7 +309,8 @@ class LIFTAdamW(torch.optim.Optimizer):
                 state, books = self.state[p], self._moment_books(group, p)
                 if in_forward:
                     quant_weights.install_quant_selection(
-                        state, p, idx, lambda slots: install_selection(state, p, p, slots, False, t, books))
+                        state, p, idx, lambda slots: install_selection(state, p, p, slots, False, t, books),
+                        self._counting)
                 else:
                     install_selection(state, p, self.strategy.local(p), idx, uses_master(group, p), t, books)
 
