@@ -202,3 +202,34 @@ def test_a_gradient_from_before_the_optimizer_is_refused():
     opt.zero_grad()
     _train(model, opt, _batches(1))
     assert all(q.delta.count_nonzero() > 0 for q in _layers(model))
+
+
+def test_selection_inside_an_activation_checkpointed_block():
+    """The forward pre-hook selects with autograd off: a checkpointed block's recompute (no selection)
+    saves what its forward saved, on the selecting steps too."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _quantized_chain("nf4")
+    opt = lk.LIFTAdamW(lk.lift_param_groups(model), **{**OPTIONS, "update_interval": 2})
+    for x, y in _batches(4):
+        out = checkpoint(model, x, use_reentrant=False)
+        nn.functional.mse_loss(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(q.delta.count_nonzero() > 0 for q in _layers(model))
+
+
+def test_a_whole_delta_selection_costs_no_index_memory():
+    """Until a re-selection adds entries, a layer's selection is its whole delta: its idx (0..U-1) is a
+    view of one tensor shared by every layer; after growth it is the layer's own."""
+    model = _quantized_chain("nf4")
+    opt = lk.LIFTAdamW(lk.lift_param_groups(model), selector="random", **{**OPTIONS, "update_interval": 2})
+    _train(model, opt, _batches(1))
+    idxs = [opt.state[q.delta]["idx"] for q in _layers(model)]
+    assert len({i.untyped_storage().data_ptr() for i in idxs}) == 1
+    for i, q in zip(idxs, _layers(model)):
+        assert torch.equal(i, torch.arange(q.delta_size, dtype=torch.int32))
+    _train(model, opt, _batches(1, seed=2))  # step 2 re-selects at random: the deltas grow
+    grown = [opt.state[q.delta]["idx"] for q in _layers(model)]
+    assert all(q.delta_size > i.numel() for q, i in zip(_layers(model), grown))
+    assert len({i.untyped_storage().data_ptr() for i in grown}) == len(grown)

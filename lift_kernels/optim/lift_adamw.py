@@ -115,6 +115,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
         self._books = Books()  # the 8-bit moments' code books, once per device
+        self._counting = quant_weights.Counting()  # 0..U-1 for quantized layers' whole-delta selections
 
     def _hook_all(self) -> None:
         """Hook every LIFT weight that trains and make this optimizer the one whose hooks act on it."""
@@ -308,7 +309,8 @@ class LIFTAdamW(torch.optim.Optimizer):
                 state, books = self.state[p], self._moment_books(group, p)
                 if in_forward:
                     quant_weights.install_quant_selection(
-                        state, p, idx, lambda slots: install_selection(state, p, p, slots, False, t, books))
+                        state, p, idx, lambda slots: install_selection(state, p, p, slots, False, t, books),
+                        self._counting)
                 else:
                     install_selection(state, p, self.strategy.local(p), idx, uses_master(group, p), t, books)
 
@@ -324,7 +326,11 @@ class LIFTAdamW(torch.optim.Optimizer):
         if needs_selection(state, group, state.get("step", 0) + 1):
             self._select_due(group, self._lift_of(group))
 
-    @host_side  # a selection (host decisions, a grown delta) is never traced into a compiled forward
+    # A selection (host decisions, a grown delta) is never traced into a compiled forward, and records
+    # nothing for autograd: inside an activation-checkpointed block the recompute (which does not
+    # select again) must save exactly what the forward saved.
+    @host_side
+    @torch.no_grad()
     def _before_quant_forward(self, p: Tensor, layer) -> None:
         """Before a forward of quantized ``layer`` (whose delta is ``p``): select its group's quantized
         layers if due, and show the layer the slots whose gradient its backward forms."""

@@ -85,7 +85,7 @@ def install_forward_hook(opt, p: Tensor, handles: list) -> None:
 
 
 @torch.no_grad()
-def install_quant_selection(state: dict, p: Tensor, new_idx: Tensor, install) -> None:
+def install_quant_selection(state: dict, p: Tensor, new_idx: Tensor, install, counting: Counting) -> None:
     """Grow p's delta to hold the selection ``new_idx`` (flat indices of its matrix), renumber the old
     selection's slots, then ``install(slots)`` (state.install_selection, which carries the moments
     from the old slots to the new ones). A gradient left from before (zero_grad(set_to_none=False))
@@ -99,5 +99,25 @@ def install_quant_selection(state: dict, p: Tensor, new_idx: Tensor, install) ->
     if "idx" in state:
         state["idx"] = old_to_new.index_select(0, state["idx"].long()).to(torch.int32)
     install(slots)
+    if slots.numel() == p.numel():
+        # the selection is the whole delta (always so until a re-selection adds entries): its slots
+        # are 0..U-1, a view of one arange shared by every layer instead of 4 bytes per entry each
+        state["idx"] = counting(slots.numel(), slots.device)
     state["shape"] = matrix_shape(p)
     layer.selected = state["idx"]
+
+
+class Counting:
+    """int32 0..n-1 as views of one tensor per device (grown by doubling; a view never changes), held
+    by one optimizer (so a simulated run's fake tensor dies with its optimizer). torch.save writes a
+    shared storage once, so checkpoints hold it once too."""
+
+    def __init__(self):
+        self._have: dict[torch.device, Tensor] = {}
+
+    def __call__(self, n: int, device: torch.device) -> Tensor:
+        have = self._have.get(device)
+        if have is None or have.numel() < n:
+            size = max(n, 2 * have.numel() if have is not None else 0)
+            have = self._have[device] = torch.arange(size, dtype=torch.int32, device=device)
+        return have[:n]
