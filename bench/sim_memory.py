@@ -258,17 +258,13 @@ class SelectionAwareTracker(MemTracker):
         if hasattr(opt, "_before_quant_forward"):
             # A quantized layer's selection runs in its forward pre-hook, where MemTracker would call
             # the state it installs activations. The layer's grown delta and positions stay the
-            # layer's parameter and buffer. The selection runs without autograd here: LIFTAdamW
-            # runs it with grad mode on, so inside a checkpointed decoder layer the original forward
-            # saves the selection's tensors and the recompute does not, and backward raises
-            # CheckpointError (a real run fails so too); a selection's result needs no graph.
+            # layer's parameter and buffer.
             select = opt._before_quant_forward
 
             def select_labelled(p: torch.Tensor, layer) -> None:
                 self._in_opt = True
                 try:
-                    with torch.no_grad():
-                        select(p, layer)
+                    select(p, layer)
                 finally:
                     self._in_opt = False
                 self._update_and_maybe_create_winfos(layer.delta, _MemRefType.PARAM)
