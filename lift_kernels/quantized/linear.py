@@ -21,9 +21,9 @@ def _resize(p: nn.Parameter, data: Tensor) -> None:
 
     A leaf's gradient accumulator records the leaf's shape when made, and a graph still alive (the
     previous step's ``loss``) keeps it alive, so the next backward would check the new gradient
-    against the old shape. Assigning data of another dtype first makes autograd drop that accumulator
+    against the old shape. Assigning (empty) data of another dtype first makes autograd drop that accumulator
     (set_data does so when the type changes); the next forward makes one of the new shape."""
-    p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+    p.data = data.new_empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32)
     p.data = data
 
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .._names import module_matches
 from .dequant import bnb_kind
 from .linear import LIFTQuantLinear
 
@@ -32,8 +33,6 @@ def quantize_for_lift(model: nn.Module, target_modules: str | Sequence[str] | No
     as they are, so a second call wraps nothing. Raises ValueError when the model has no bnb linear,
     or a target matches none.
     """
-    from ..optim.param_groups import _matches
-
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = list(target_modules) if target_modules else None
@@ -55,8 +54,8 @@ def quantize_for_lift(model: nn.Module, target_modules: str | Sequence[str] | No
     if targets is None:
         candidates = [name for name, wrapped in layers if not wrapped]
     else:
-        candidates = [name for name, wrapped in layers if not wrapped and any(_matches(name, t) for t in targets)]
-        unmatched = [t for t in targets if not any(_matches(name, t) for name, _ in layers)]
+        candidates = [name for name, wrapped in layers if not wrapped and any(module_matches(name, t) for t in targets)]
+        unmatched = [t for t in targets if not any(module_matches(name, t) for name, _ in layers)]
         if unmatched:
             names = [name for name, _ in layers]
             raise ValueError(f"quantize_for_lift: target_modules {unmatched!r} matched no bitsandbytes linear "
