@@ -198,12 +198,12 @@ def _qlora(model: nn.Module, hp: Hyper, shapes: dict[str, tuple[int, int]]) -> S
 
     # peft's usual QLoRA preparation: base frozen, non-quantized weights in fp32. No gradient
     # checkpointing: it trades compute for activation memory, a choice the float runs do not make either.
+    modules = [name.removesuffix(".weight") for name in shapes]
+    config = LoraConfig(r=hp.rank, lora_alpha=2 * hp.rank, lora_dropout=0.0, target_modules=modules, bias="none")
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user
         warnings.simplefilter("ignore", FutureWarning)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    modules = [name.removesuffix(".weight") for name in shapes]
-    config = LoraConfig(r=hp.rank, lora_alpha=2 * hp.rank, lora_dropout=0.0, target_modules=modules, bias="none")
-    peft_model = get_peft_model(model, config)  # adapters are created in fp32 (peft's default)
+        peft_model = get_peft_model(model, config)  # adapters are created in fp32 (peft's default)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
     # Evaluated as trained (4-bit base + adapters); exported by merging into the dequantized base in fp32.

@@ -124,17 +124,11 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:
-    """The fp32 (out, in) weight a bitsandbytes Linear4bit / Linear8bitLt computes with."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
+    """The fp32 (out, in) weight a bitsandbytes Linear4bit / Linear8bitLt computes with, read back as
+    LIFTQuantLinear.dequantized() reads its base, so untrained layers and LIFT's base agree."""
+    from lift_kernels.quantized.dequant import bnb_kind, dequantize as read_back
 
-    w = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return F.dequantize_4bit(w.data, w.quant_state).float().reshape(layer.out_features, layer.in_features)
-    scb = getattr(w, "SCB", None)
-    if scb is None:
-        scb = layer.state.SCB
-    return F.int8_vectorwise_dequant(w.data, scb).float().reshape(layer.out_features, layer.in_features)
+    return read_back(layer, bnb_kind(layer))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
@@ -192,6 +186,8 @@ def to_float(model: nn.Module, dtype: torch.dtype = torch.float32, with_delta: b
         model = model.get_base_model()
     replace = []
     for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer, _ in replace):
+            continue  # inside a layer replaced already (LIFTQuantLinear.base, a LoRA layer's base_layer)
         found = _float_weight(module, with_delta)
         if found is not None:
             replace.append((name, found))

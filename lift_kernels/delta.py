@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -221,15 +222,29 @@ def save_delta(model: nn.Module, base_state_dict: Mapping[str, Tensor], path: st
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    # The float model the delta applies to: a LIFTQuantLinear counts as its fp32 weight, not its packed state.
+    # The float model the delta applies to: a quantized layer (LIFTQuantLinear or a plain bitsandbytes
+    # one) counts as its fp32 weight, not its packed state.
+    packed = _bnb_layers(model)
+    prefixes = tuple(f"{name}." for name in packed)
     model_bytes = sum(t.numel() * t.element_size() for name, t in state.items()
-                      if not (owned and name.startswith(owned)))
-    model_bytes += sum(4 * m.out_features * m.in_features + _bias_bytes(m) for m in virtual.values())
+                      if not (prefixes and name.startswith(prefixes)))
+    model_bytes += sum(4 * m.out_features * m.in_features + _bias_bytes(m) for m in packed.values())
     return DeltaStats(len(weights), entries, os.path.getsize(path), model_bytes)
 
 
+def _bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: layer} of the quantized linears: LIFTQuantLinear, and bitsandbytes ones outside them."""
+    quant = _quant_layers(model)
+    if not quant and "bitsandbytes" not in sys.modules:
+        return {}
+    from .quantized.dequant import bnb_kind
+
+    inner = {id(m.base) for m in quant.values()}
+    return {**quant, **{name: m for name, m in model.named_modules() if bnb_kind(m) and id(m) not in inner}}
+
+
 def _bias_bytes(layer: nn.Module) -> int:
-    bias = getattr(layer.base, "bias", None)
+    bias = getattr(getattr(layer, "base", layer), "bias", None)
     return 0 if bias is None else bias.numel() * bias.element_size()
 
 

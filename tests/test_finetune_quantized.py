@@ -49,6 +49,15 @@ def float_model(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
+def assert_layout_of(tiny_model, folder):
+    """The saved float model has exactly the base's tensors, names, shapes and dtypes (nothing of bnb)."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        saved = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    with safe_open(os.path.join(tiny_model, "model.safetensors"), "pt") as f:
+        base = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert saved == base
+
+
 def rebuild(tiny_model, out, method, bits="4"):
     """The trained model as the run held it (quantized base + trained state), from its last checkpoint."""
     args = summary_of(out)["args"]
@@ -106,6 +115,7 @@ def test_qlora_model_folder_is_the_trained_model_in_float(tiny_model, qlora):
     merged = float_model(qlora / "model")
     config = json.loads((qlora / "model" / "config.json").read_text())
     assert "quantization_config" not in config
+    assert_layout_of(tiny_model, qlora / "model")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     trained = rebuild(tiny_model, qlora, "lora")
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -142,6 +152,7 @@ def test_lift_4bit_runs_and_records(lift4):
 def test_lift_4bit_model_folder_holds_the_effective_weights(tiny_model, lift4):
     merged = float_model(lift4 / "model")
     assert "quantization_config" not in json.loads((lift4 / "model" / "config.json").read_text())
+    assert_layout_of(tiny_model, lift4 / "model")
     trained = rebuild(tiny_model, lift4, "lift")
     state = merged.state_dict()
     layers = [(n, m) for n, m in trained.named_modules() if hasattr(m, "effective_weight")]
