@@ -237,3 +237,12 @@ def test_to_float_of_an_untrained_bnb_model_is_its_dequantized_weights(tiny_mode
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, want)
     assert not quantize.is_quantized(model) and getattr(model, "hf_quantizer", None) is None
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # a local model never reaches for the network
+
+
+def test_export_rebuilds_the_model_folder_from_the_delta(qlora, tmp_path):
+    """`lift-finetune export` reads the run's quantization from summary.json and applies the delta to the
+    dequantized base: the same float model as the run wrote."""
+    assert cli.main(["export", "--delta", str(qlora / "delta.safetensors"), "--output-dir", str(tmp_path / "x"),
+                     "--no-peft-adapter"]) == 0
+    rebuilt, written = float_model(tmp_path / "x" / "model"), float_model(qlora / "model")
+    assert all(torch.equal(v, written.state_dict()[k]) for k, v in rebuilt.state_dict().items())
