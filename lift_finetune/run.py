@@ -325,8 +325,10 @@ def _write_quantized(args, prep: Prepared):
         sizes = [m.delta_size for m in setup.model.modules() if hasattr(m, "delta_size")]
         entry.update(trained_delta_entries=int(sum(sizes)), trained_delta_bytes=int(sum(sizes)) * 8)
         stats = save_delta(setup.model, {}, os.path.join(out, "delta.safetensors"))
-    needs_base = not lift or (args.peft_adapter and not _adapter_skipped(args))
-    base = setup.float_base() if needs_base else None
+    adapter = args.peft_adapter and not _adapter_skipped(args)
+    if lift and not (adapter or args.save_model):
+        return stats, None, _adapter_skipped(args) if args.peft_adapter else None, entry
+    base = setup.float_base() if not lift or adapter else None
     float_model = setup.to_float(torch.float32)  # the quantized layers are gone after this
     if not lift:
         stats = save_delta(float_model, base, os.path.join(out, "delta.safetensors"))

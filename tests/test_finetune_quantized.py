@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from finetune_fixtures import build_tiny_model
+from finetune_fixtures import build_tiny_model, crash_at_step, run_cli
 from safetensors import safe_open
 
 pytest.importorskip("bitsandbytes")
@@ -17,19 +17,10 @@ pytest.importorskip("peft")
 import lift_kernels as lk  # noqa: E402
 from lift_finetune import checkpoint, cli, export, methods, quantize  # noqa: E402
 from lift_finetune import model as model_io  # noqa: E402
-from lift_finetune import train as train_module  # noqa: E402
-
-SMALL = ["--rank", "2", "--lra-rank", "2", "--batch-size", "4", "--max-eval", "6", "--max-new-tokens", "4",
-         "--eval-batch-size", "8", "--device", "cpu"]
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))
-
-
-def run_cli(model, out, *extra):
-    return cli.main(["--model", model, "--output-dir", str(out), *SMALL, *extra])
 
 
 def parse_error(capsys, *argv) -> str:
@@ -184,17 +175,7 @@ def test_lift_4bit_adapter_merges_on_the_dequantized_base(lift4):
 def test_lift_4bit_resume_equals_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
     common = ["--load-in-4bit", "--max-steps", "4", "--save-every", "2", "--update-interval", "3"]
     run_cli(tiny_model, tmp_path / "whole", *common)
-    real = train_module._step_batches
-
-    def crash_at_third_step(features, cfg, step, pad_id):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return real(features, cfg, step, pad_id)
-
-    monkeypatch.setattr(train_module, "_step_batches", crash_at_third_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(tiny_model, tmp_path / "split", *common)
-    monkeypatch.setattr(train_module, "_step_batches", real)
+    crash_at_step(monkeypatch, 2, lambda: run_cli(tiny_model, tmp_path / "split", *common))
     run_cli(tiny_model, tmp_path / "split", *common, "--resume")
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")
                if json.loads(line)["event"] == "train"] for run in ("whole", "split")]
