@@ -16,6 +16,17 @@ from .positions import check_positions, union
 from .registry import register
 
 
+def _resize(p: nn.Parameter, data: Tensor) -> None:
+    """Give ``p`` new data of another size, keeping the Parameter (optimizers hold it).
+
+    A leaf's gradient accumulator records the leaf's shape when made, and a graph still alive (the
+    previous step's ``loss``) keeps it alive, so the next backward would check the new gradient
+    against the old shape. Assigning data of another dtype first makes autograd drop that accumulator
+    (set_data does so when the type changes); the next forward makes one of the new shape."""
+    p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+    p.data = data
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """y = x @ module.effective_weight().T; gradients for x and for module.delta."""
 
@@ -118,7 +129,7 @@ class LIFTQuantLinear(nn.Module):
         """
         check_positions(new_positions, self.in_features * self.out_features, self.positions.device)
         positions, slots, old_to_new = union(self.positions, new_positions)
-        self.delta.data = self._moved(self.delta.data, old_to_new, positions.numel())
+        _resize(self.delta, self._moved(self.delta.data, old_to_new, positions.numel()))
         if self.delta.grad is not None:
             self.delta.grad = self._moved(self.delta.grad, old_to_new, positions.numel())
         self.positions.data = positions
@@ -141,7 +152,7 @@ class LIFTQuantLinear(nn.Module):
                 error_msgs.append(f"{prefix}delta and {prefix}positions must be 1-D of one length, got "
                                   f"{tuple(delta.shape)} and {tuple(positions.shape)}")
                 return
-            self.delta.data = self.delta.data.new_zeros(delta.shape)
+            _resize(self.delta, self.delta.data.new_zeros(delta.shape))
             self.delta.grad = None
             self.positions.data = self.positions.data.new_zeros(positions.shape)
             self.selected = None
