@@ -323,6 +323,7 @@ def _write_quantized(args, prep: Prepared):
     entry = {**prep.quant.as_dict(), "base": "dequantized fp32 (the delta and adapter apply to it)"}
     if lift:  # the sparse delta straight from the LIFTQuantLinear layers (lift_kernels.delta)
         sizes = [m.delta_size for m in setup.model.modules() if hasattr(m, "delta_size")]
+        # in memory: an fp32 value and an int32 position per entry (the union of the selections so far)
         entry.update(trained_delta_entries=int(sum(sizes)), trained_delta_bytes=int(sum(sizes)) * 8)
         stats = save_delta(setup.model, {}, os.path.join(out, "delta.safetensors"))
     adapter = args.peft_adapter and not _adapter_skipped(args)
