@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -79,16 +81,18 @@ def load(source: ModelSource, device: torch.device, quant=None):
             quantize.require_bitsandbytes(quant)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         if quant is not None and not source.gguf_file:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32,
-                                                         quantization_config=quantize.bnb_config(quant),
-                                                         device_map=quantize.device_map(device))
+            model = _load_quantized(source.location, quant, device)
         else:
             with _quiet_gguf_conversion():
                 model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
             if source.gguf_file:
                 _drop_gguf_quantizer(model, source)
-            if quant is not None:  # transformers refuses a quantization config with gguf_file
-                model = quantize.reload_quantized(model, quant, device)
+            if quant is not None:  # transformers refuses a quantization config with gguf_file: go through a folder
+                with tempfile.TemporaryDirectory(prefix="lift-finetune-quantize-") as folder:
+                    model.save_pretrained(folder, safe_serialization=True)
+                    del model  # the float copy goes before the quantized one loads
+                    gc.collect()
+                    model = _load_quantized(folder, quant, device)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model {source.name}: {err}") from None
     if quant is not None and not quantize.is_quantized(model):
@@ -98,6 +102,14 @@ def load(source: ModelSource, device: torch.device, quant=None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return (model if quant is not None else model.to(device)), tokenizer
+
+
+def _load_quantized(location: str, quant, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32,
+                                                quantization_config=quantize.bnb_config(quant),
+                                                device_map=quantize.device_map(device))
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
 """A bitsandbytes-quantized base (``--load-in-4bit`` / ``--load-in-8bit``): loading it, and turning the
 trained model back into a plain float model for the model folder, the delta's base and the adapter.
 
-Loading: transformers quantizes with bitsandbytes while it loads a folder or hub model, but refuses a
-quantization config together with a GGUF file. A GGUF model is therefore loaded as today (dequantized to
-fp32), written with save_pretrained into a temporary folder, and loaded again from there with the
-quantization config; the folder is deleted at once.
+Loading (model.load): transformers quantizes with bitsandbytes while it loads a folder or hub model, but
+refuses a quantization config together with a GGUF file. A GGUF model is therefore loaded as today
+(dequantized to fp32), written with save_pretrained into a temporary folder, and loaded again from there
+with the quantization config; the folder is deleted at once.
 
 Float export: every bitsandbytes layer becomes an ``nn.Linear`` holding the weight the trained model
 computes with: a LIFTQuantLinear's ``effective_weight()`` (dequantized base + delta), an untrained
@@ -14,9 +14,7 @@ to 4 bits; merging into the dequantized float weight loses nothing.
 """
 from __future__ import annotations
 
-import gc
 import logging
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -96,19 +94,6 @@ def require_bitsandbytes(quant: Quant) -> None:
 def device_map(device: torch.device) -> dict:
     # bitsandbytes quantizes while the weights are placed, so the device is chosen at load time.
     return {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-
-
-def reload_quantized(float_model, quant: Quant, device: torch.device):
-    """``float_model`` (a model that cannot be loaded with a quantization config, e.g. from GGUF) saved to a
-    temporary folder and loaded again from it, quantized. The float model is released first."""
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory(prefix="lift-finetune-quantize-") as folder:
-        float_model.save_pretrained(folder, safe_serialization=True)
-        del float_model
-        gc.collect()
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=bnb_config(quant),
-                                                    device_map=device_map(device))
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
