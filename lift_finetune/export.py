@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where model/ and peft-adapter/ go (not overwritten)")
     p.add_argument("--model", default=None,
                    help="the base the delta was taken from (default: the --model of the run whose summary.json "
-                        "sits beside the delta, else the built-in SmolLM2-135M-Instruct)")
+                        "sits beside the delta, else the built-in SmolLM2-135M-Instruct); for a run over a "
+                        "quantized base, that base quantized as the run did and dequantized to fp32")
     p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True, help="write model/")
     p.add_argument("--peft-adapter", action=argparse.BooleanOptionalAction, default=True,
                    help="write peft-adapter/")
