@@ -7,9 +7,9 @@
 // per entry that reads it. fp64 inputs are rounded to fp32 as the reference does (grad_out.float());
 // the result is fp32 in every case.
 //
-// Cache reuse: a column of x is read by every selected entry of its column, one per row of grad_out
-// at LIFT's densities, so reading X[c] whole for each entry streams (n, T) from memory about once per
-// row. Instead T is cut into tiles of tile_t(n) rows, and each panel is stored tile by tile
+// Cache reuse: X[c] is read by every selected entry of column c, and those lie in many rows, far
+// apart in a sorted idx; reading X[c] whole for each entry would stream most of X from memory again
+// for every few rows. Instead T is cut into tiles of tile_t(n) rows, and each panel is stored tile by tile
 // ((Tp / tile, rows, tile)): a thread takes a chunk of kChunk entries and runs every tile over the
 // whole chunk, so the tile of X (about kTileBytes) stays in its core's cache while the chunk's rows
 // read it, and the chunk's partial sums (values[j]) stay close too.
