@@ -32,6 +32,9 @@ void sparse_adamw8bit_step_cpu(const std::vector<at::Tensor>& params, const std:
                                const at::Tensor& exp_avg_sq_book, int64_t step, double lr, double beta1,
                                double beta2, double eps, double weight_decay);
 
+// sampled_weight_grad (csrc/cpu/sampled_weight_grad_cpu.cpp): fp32 values of grad_out.T @ x at idx.
+at::Tensor sampled_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& idx);
+
 std::vector<at::Tensor> remap_state_cpu(const at::Tensor& old_idx, const at::Tensor& new_idx,
                                         const std::vector<at::Tensor>& states);
 

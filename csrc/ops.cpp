@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_adamw_step_cpu", &lift::sparse_adamw_step_cpu, no_gil);
   m.def("sparse_adamw8bit_step_cpu", &lift::sparse_adamw8bit_step_cpu, no_gil);
   m.def("remap_state_cpu", &lift::remap_state_cpu, no_gil);
+  m.def("sampled_weight_grad_cpu", &lift::sampled_weight_grad_cpu, no_gil);
   m.def("principal_weights_cpu", &lift::principal_weights_cpu, no_gil);
   m.def("topk_abs_product_cpu", &lift::topk_abs_product_cpu, no_gil);
   m.def("lowrank_cpu", &lift::lowrank_op, no_gil);

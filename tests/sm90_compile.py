@@ -65,8 +65,18 @@ def _remap(states: int) -> tuple:
         "NUM_STATES": "constexpr", "BLOCK": "constexpr"}, {"NUM_STATES": states}, [0, 1, *range(4, 12)])
 
 
+def _sampled_grad(dtype: str) -> tuple:
+    """The SDDMM on contiguous (T, m) / (T, n) inputs of ``dtype``: their column strides are 1, which
+    Triton specializes as a constant at launch."""
+    return ("_sampled_grad_kernel", {
+        "g_ptr": _DTYPE[dtype], "x_ptr": _DTYPE[dtype], "idx_ptr": "*i32", "out_ptr": "*fp32", "T": "i32",
+        "n": "i32", "k": "i32", "stride_gt": "i32", "stride_gm": "constexpr", "stride_xt": "i32",
+        "stride_xn": "constexpr", "BLOCK": "constexpr", "BLOCK_T": "constexpr"},
+        {"stride_gm": 1, "stride_xn": 1}, range(4))
+
+
 # Per op, per specialization: (kernel, argument types, constexpr values, 16-byte aligned pointer
-# arguments). BLOCK and num_warps are the module's own.
+# arguments). BLOCK, the other tile sizes and num_warps are the module's own.
 TRITON_KERNELS = {
     "sparse_adamw_step": {
         f"{weight}_{'gathered' if gathered else 'dense'}_grad_{'master' if master else 'no_master'}":
@@ -77,6 +87,7 @@ TRITON_KERNELS = {
     # an fp32 model (no master, dense grad) and a bf16 one (master, gathered grad)
     "sparse_adamw8bit_step": {"fp32_dense_grad_no_master": _adamw8bit("fp32", False, False),
                               "bf16_gathered_grad_master": _adamw8bit("bf16", True, True)},
+    "sampled_weight_grad": {f"{dtype}_inputs": _sampled_grad(dtype) for dtype in ("fp32", "bf16")},
 }
 
 
@@ -92,7 +103,9 @@ def _compile_triton(op: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for variant, (fn_name, signature, constexprs, aligned) in TRITON_KERNELS[op].items():
             fn = getattr(module, fn_name)
-            constexprs = {**constexprs, "BLOCK": module.BLOCK}
+            # BLOCK and the module's other tile sizes (a constexpr named as a module constant)
+            tiles = {p.name: getattr(module, p.name) for p in fn.params if p.is_constexpr and hasattr(module, p.name)}
+            constexprs = {**tiles, **constexprs, "BLOCK": module.BLOCK}
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                             attrs={(i,): _PTR16 for i in aligned})
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -186,3 +186,17 @@ def test_choices_for_cuda_tensors_name_what_runs_and_what_was_skipped():
                        r"sparse_adamw_step on cuda tensors: lift_kernels._C has no cuda kernel for sparse_adamw_step "
                        r"\(it has one for cpu tensors only\)"):
         choose("sparse_adamw_step", "cuda", "native")
+
+
+def test_sampled_weight_grad_runs_cpp_on_the_cpu_and_triton_on_cuda():
+    """The SDDMM of LIFT over a quantized base: the C++ kernel is the CPU default where _C is built
+    (the reference where not); for CUDA tensors Triton, which _C's CUDA part does not replace."""
+    from lift_kernels._triton_loader import triton_usable
+    from lift_kernels.ops.backends import choose
+
+    assert ops.chosen("sampled_weight_grad", "cpu") == (
+        ("native", "default for cpu") if _ext.EXT is not None else
+        ("reference", f"default for cpu (native skipped: {_ext.EXT_ERROR})"))
+    assert _has_cpu_kernel("sampled_weight_grad") == (_ext.EXT is not None)
+    if triton_usable()[0]:
+        assert choose("sampled_weight_grad", "cuda", None) == ("triton", "default for cuda")

@@ -123,3 +123,22 @@ def test_selection_with_ties_is_bit_identical_and_takes_the_lowest_indices(dtype
     for i in range(b):
         order = torch.sort(absprod[i], descending=largest, stable=True).indices[:k]
         assert torch.equal(results[0][0][i].long(), order.sort().values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("order", ["sorted", "random"])
+def test_sampled_weight_grad_is_bit_identical_at_any_thread_count(dtype, order):
+    """Each entry sums its T products in a fixed order whichever thread takes it and whichever entries
+    of its row share its pass: 20,011 entries (sorted: runs of one row that ranges cut mid-run; random:
+    repeats, no runs) at T = 129, so every range and the padded lane tail are exercised."""
+    g = torch.Generator().manual_seed(hash((str(dtype), order)) % 2**31)
+    T, m, n, k = 129, 301, 257, 20011
+    grad_out = torch.randn(T, m, generator=g).to(dtype)
+    x = torch.randn(T, n, generator=g).to(dtype)
+    idx = (torch.randperm(m * n, generator=g)[:k].sort().values if order == "sorted"
+           else torch.randint(0, m * n, (k,), generator=g)).int()
+    results = _at_each_thread_count(lambda: [C.sampled_weight_grad_cpu(grad_out, x, idx)])
+    _same_bits(results)
+    # and each value is the same whether computed in a run of its row or alone
+    alone = torch.cat([C.sampled_weight_grad_cpu(grad_out, x, idx[j:j + 1]) for j in range(0, k, 997)])
+    assert torch.equal(alone, results[0][0][::997])

@@ -8,7 +8,7 @@ backend's kernel at the device's dispatch key (CPU, CUDA); torch's dispatcher do
 call costs no lookup here.
 
 Defaults: on the CPU ``native`` where _C has the kernel, else the reference; on CUDA ``triton``
-where it has the op (sparse_adamw_step, remap_state) and can run, else ``native``, else the
+where it has the op (sparse_adamw_step, sparse_adamw8bit_step, remap_state, sampled_weight_grad) and can run, else ``native``, else the
 reference. Where _C compiles on first use, ``native`` is registered as a stand-in whose first call
 builds it (load_native) and then registers again with what the build gave.
 ``LIFT_BACKEND=reference|triton|native`` forces one backend for every op it implements (the others
@@ -33,7 +33,7 @@ from . import native
 from .library import NAMESPACE, OPS
 
 BACKENDS = ("reference", "triton", "native")
-_TRITON_OPS = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state")
+_TRITON_OPS = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state", "sampled_weight_grad")
 _DEFAULTS = {"cpu": ("native",), "cuda": ("triton", "native")}  # then the reference
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _FROM_ENV = object()

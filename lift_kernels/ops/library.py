@@ -195,12 +195,18 @@ def check_sampled_weight_grad_args(grad_out: Tensor, x: Tensor, idx: Tensor) -> 
             raise ValueError(f"{name}: {arg} is on {t.device}, grad_out on {grad_out.device}; move it there")
 
 
-def _sampled_weight_grad_reference(grad_out, x, idx):
-    check_sampled_weight_grad_args(grad_out, x, idx)
+def check_sampled_weight_grad_index(grad_out: Tensor, x: Tensor, idx: Tensor) -> None:
+    """idx within [0, m*n): reads idx (on an accelerator, a host sync). The C++ kernel makes the same
+    check in its own pass, with these words."""
     size = grad_out.shape[1] * x.shape[1]
     if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < size):
         raise ValueError(f"sampled_weight_grad: idx must lie in [0, m*n) = [0, {size}), got values in "
                          f"[{int(idx.min())}, {int(idx.max())}]")
+
+
+def _sampled_weight_grad_reference(grad_out, x, idx):
+    check_sampled_weight_grad_args(grad_out, x, idx)
+    check_sampled_weight_grad_index(grad_out, x, idx)
     return reference.sampled_weight_grad(grad_out, x, idx)
 
 

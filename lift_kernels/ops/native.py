@@ -55,6 +55,7 @@ _KERNELS: dict[str, tuple[str, Callable | None]] = {
     "sparse_adamw_step": ("sparse_adamw_step", _sparse_adamw_step),
     "sparse_adamw8bit_step": ("sparse_adamw8bit_step", _sparse_adamw8bit_step),
     "remap_state": ("remap_state", None),
+    "sampled_weight_grad": ("sampled_weight_grad", None),  # its own checks: the reference's, in C++
     "principal_weights": ("principal_weights", _principal_weights),
     "_principal_weights_seeded": ("principal_weights", None),
     "_lowrank": ("lowrank", None),
