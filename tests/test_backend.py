@@ -31,11 +31,13 @@ def _without_extension(monkeypatch, forced):
 def test_info_reports_every_op_and_the_extension():
     info = lk.info()
     assert set(info["ops"]) == set(ops.OPS) == {"sparse_adamw_step", "sparse_adamw8bit_step", "remap_state",
-                                                "principal_weights"}
+                                                "principal_weights", "sampled_weight_grad"}
     assert info["extension"]["loaded"] == (_ext.EXT is not None)
     assert info["forced_backend"] is None
     for op, per_device in info["ops"].items():
-        if _ext.EXT is not None:  # every op has a C++ kernel: the CPU default
+        if not native.implements(op):  # its reference is its only kernel for now
+            assert per_device["cpu"] == {"backend": "reference", "why": "default for cpu"}, op
+        elif _ext.EXT is not None:  # every op of _C has a C++ kernel: the CPU default
             assert per_device["cpu"] == {"backend": "native", "why": "default for cpu"}, op
             assert f"{op}:cpu" in info["extension"]["kernels"]
         else:

@@ -57,6 +57,12 @@ def _remap_case(dtype):
     return (old, new, [torch.randn(7).to(dtype), torch.rand(7)]), {}
 
 
+def _sampled_grad_case(dtype, k):
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randperm(13 * 7, generator=g)[:k].to(torch.int32)  # any order
+    return (torch.randn(5, 13, generator=g).to(dtype), torch.randn(5, 7, generator=g).to(dtype), idx), {}
+
+
 def _w(dtype, *shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
 
@@ -71,6 +77,9 @@ SAMPLES = [
       for gathered in (False, True) if dt == torch.bfloat16 or not m],
     ("remap_state", "fp32", _remap_case(torch.float32), None),
     ("remap_state", "bf16", _remap_case(torch.bfloat16), None),
+    ("sampled_weight_grad", "fp32", _sampled_grad_case(torch.float32, 31), None),
+    ("sampled_weight_grad", "bf16", _sampled_grad_case(torch.bfloat16, 31), None),
+    ("sampled_weight_grad", "fp32_empty", _sampled_grad_case(torch.float32, 0), None),
     ("principal_weights", "exact_fp32", ((_w(torch.float32, 23, 17), 40, 3), {"svd": "exact"}), None),
     ("principal_weights", "exact_bf16_batch_smallest",
      ((_w(torch.bfloat16, 2, 9, 13), 11, 2), {"svd": "exact", "largest": False}), None),

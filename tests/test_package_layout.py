@@ -11,10 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY, APP = ROOT / "lift_kernels", ROOT / "lift_finetune"
 
-# Needed by the app, the HF integration or save_delta, never by `import lift_kernels`.
+# Needed by the app, the HF integration, save_delta or a quantized base (bitsandbytes), never by `import lift_kernels`.
 # torch.utils.cpp_extension (it imports setuptools) only for the first-use build of _C, on a native kernel's first call.
-HEAVY = ("lift_finetune", "safetensors", "matplotlib", "tqdm", "transformers", "peft", "accelerate", "gguf",
-         "lift_kernels.integrations", "torch.utils.cpp_extension", "setuptools", "filelock", "ninja")
+HEAVY = ("lift_finetune", "bitsandbytes", "safetensors", "matplotlib", "tqdm", "transformers", "peft", "accelerate",
+         "gguf", "lift_kernels.integrations", "torch.utils.cpp_extension", "setuptools", "filelock", "ninja")
 TORCH_IMPORTS = {"tqdm"}  # `import torch` itself loads it (torch 2.13)
 
 _PROBE = """

@@ -17,10 +17,12 @@ sparse_adamw_step = public("sparse_adamw_step")
 sparse_adamw8bit_step = public("sparse_adamw8bit_step")
 remap_state = public("remap_state")
 principal_weights = public("principal_weights")
+sampled_weight_grad = public("sampled_weight_grad")
 
 OPS = library.PUBLIC
 
 use_backend()  # LIFT_BACKEND as set when lift_kernels is imported
 
 __all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "chosen", "forced_backend", "forced_origin",
-           "principal_weights", "remap_state", "sparse_adamw8bit_step", "sparse_adamw_step", "use_backend"]
+           "principal_weights", "remap_state", "sampled_weight_grad", "sparse_adamw8bit_step", "sparse_adamw_step",
+           "use_backend"]

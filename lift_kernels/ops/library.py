@@ -155,6 +155,64 @@ _define("remap_state(Tensor old_idx, Tensor new_idx, Tensor[] states) -> Tensor[
         reference.remap_state, _remap_state_fake, _REMAP_STATE_DOC)
 
 
+# --------------------------------------------------------------------------- sampled_weight_grad
+_SAMPLED_WEIGHT_GRAD_DOC = """A linear layer's weight gradient at chosen entries only (SDDMM), in fp32.
+
+For y = x @ W.T with W (m, n), the gradient of W is grad_out.T @ x; this forms only its entries at
+``idx``: ``values[j] = sum_t grad_out[t, idx[j] // n] * x[t, idx[j] % n]``, accumulated in fp32,
+never the (m, n) product. LIFT over a quantized base uses it for the gradient of its sparse delta.
+
+Args:
+    grad_out: the gradient of the layer's output, (T, m); fp32, bf16, fp16 or fp64.
+    x: the layer's input, (T, n); a floating dtype, on grad_out's device.
+    idx: int32 flat indices (row * n + col) into m * n, shape (k,); any order, 0 <= idx < m * n.
+
+Returns:
+    fp32 (k,), on grad_out's device; zeros where T is 0, empty where k is 0.
+
+Raises ValueError naming the argument when a shape, dtype, device or index is out of range.
+"""
+
+
+def check_sampled_weight_grad_args(grad_out: Tensor, x: Tensor, idx: Tensor) -> None:
+    """The checks that need no data (the fake runs them too)."""
+    name = "sampled_weight_grad"
+    if grad_out.dim() != 2:
+        raise ValueError(f"{name}: grad_out must be 2-D (T, m), got shape {tuple(grad_out.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be 2-D (T, n), got shape {tuple(x.shape)}")
+    if x.shape[0] != grad_out.shape[0]:
+        raise ValueError(f"{name}: x and grad_out must have the same number of rows T, got x {tuple(x.shape)} "
+                         f"and grad_out {tuple(grad_out.shape)}")
+    for arg, t in (("grad_out", grad_out), ("x", x)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {arg} must be a floating tensor (fp32, bf16, fp16, fp64), got {t.dtype}")
+    if idx.dtype != torch.int32 or idx.dim() != 1:
+        raise ValueError(f"{name}: idx must be a 1-D int32 tensor of flat indices, got {idx.dtype} of shape "
+                         f"{tuple(idx.shape)} (pass idx.to(torch.int32))")
+    for arg, t in (("x", x), ("idx", idx)):
+        if t.device != grad_out.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, grad_out on {grad_out.device}; move it there")
+
+
+def _sampled_weight_grad_reference(grad_out, x, idx):
+    check_sampled_weight_grad_args(grad_out, x, idx)
+    size = grad_out.shape[1] * x.shape[1]
+    if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < size):
+        raise ValueError(f"sampled_weight_grad: idx must lie in [0, m*n) = [0, {size}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return reference.sampled_weight_grad(grad_out, x, idx)
+
+
+def _sampled_weight_grad_fake(grad_out, x, idx):
+    check_sampled_weight_grad_args(grad_out, x, idx)
+    return grad_out.new_empty(idx.shape, dtype=torch.float32)
+
+
+_define("sampled_weight_grad(Tensor grad_out, Tensor x, Tensor idx) -> Tensor",
+        _sampled_weight_grad_reference, _sampled_weight_grad_fake, _SAMPLED_WEIGHT_GRAD_DOC, differentiable=False)
+
+
 # ----------------------------------------------------------------------------- principal_weights
 # svd="exact" is always the reference's (the definition); svd="fast" may run a compiled kernel.
 _PRINCIPAL_WEIGHTS_DOC = """LIFT's principal weights: the flat indices of the k entries of largest |W'|.
@@ -269,4 +327,5 @@ def _topk_abs_product_fake(L, R, k, largest):
 _define("_topk_abs_product(Tensor L, Tensor R, int k, bool largest) -> Tensor",
         _topk_abs_product_reference, _topk_abs_product_fake, differentiable=False)
 
-PUBLIC = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state", "principal_weights")
+PUBLIC = ("sparse_adamw_step", "sparse_adamw8bit_step", "remap_state", "principal_weights",
+          "sampled_weight_grad")

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..quantized.linear import LIFTQuantLinear
+
 # Set on a parameter that lift_param_groups froze (it was trainable): a later call counts it as
 # trainable again, so every call on a model gives the groups the first gave.
 _FROZEN_HERE = "_lift_param_groups_froze"
@@ -24,11 +26,23 @@ def _train(p: Tensor) -> None:
         delattr(p, _FROZEN_HERE)
 
 
+def _lift_candidates(model: nn.Module):
+    """(name, module, weight, weight's attribute name) of every layer whose weight LIFT may train: each
+    nn.Linear's weight, and each LIFTQuantLinear's sparse delta in place of its frozen bnb base's."""
+    bases = {id(m.base) for m in model.modules() if isinstance(m, LIFTQuantLinear)}
+    for name, module in model.named_modules():
+        if isinstance(module, LIFTQuantLinear):
+            yield name, module, module.delta, "delta"
+        elif isinstance(module, nn.Linear) and id(module) not in bases:
+            yield name, module, module.weight, "weight"
+
+
 def lift_param_groups(model: nn.Module, target_modules: str | Sequence[str] | None = None,
                       train_other: bool = False) -> list[dict]:
     """Parameter groups for :class:`LIFTAdamW`.
 
-    The LIFT group holds the weight of every ``nn.Linear`` except ``lm_head`` or, when
+    The LIFT group holds the weight of every ``nn.Linear`` except ``lm_head`` (of a LIFTQuantLinear,
+    a linear over a quantized base, its ``delta``, named ``"<module>.delta"``) or, when
     ``target_modules`` is given, of the linears whose qualified name has one of the targets as a
     dotted component or suffix (``["q_proj", "down_proj"]``, ``"mlp"``, ``"mlp.down_proj"``); every
     target must match a trainable linear (a mistyped one is an error that names it).
@@ -49,10 +63,7 @@ def lift_param_groups(model: nn.Module, target_modules: str | Sequence[str] | No
     targets = list(target_modules) if target_modules else None
     lift_names, lift_params, seen = [], [], set()
     matched: set[str] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        w = module.weight
+    for name, _, w, w_name in _lift_candidates(model):
         if targets is None:
             chosen = name.split(".")[-1] != "lm_head"
         else:
@@ -62,9 +73,9 @@ def lift_param_groups(model: nn.Module, target_modules: str | Sequence[str] | No
             chosen = bool(hits)
         if chosen and _trainable(w) and id(w) not in seen:
             seen.add(id(w))
-            lift_names.append(f"{name}.weight" if name else "weight")
+            lift_names.append(f"{name}.{w_name}" if name else w_name)
             lift_params.append(w)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, *_ in _lift_candidates(model)]
     listing = f"{linears[:12]}{' ...' if len(linears) > 12 else ''}"
     if not lift_params:
         raise ValueError(
