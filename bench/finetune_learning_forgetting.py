@@ -160,6 +160,14 @@ def work(args, lrs: dict, cfg: dict) -> None:
     store = RunStore(os.path.join(args.out, "runs"))
     scorer = None
     only = set(args.methods.split(",")) if args.methods else None
+    for method in only or ():
+        if method not in lrs:
+            raise SystemExit(f"--methods: unknown method {method!r}; this study has {', '.join(lrs)}")
+        parent = borrowed(lrs[method])
+        if parent and parent not in only and chosen_lr(store, parent, lrs, cfg, args.rank) is None:
+            # its seed runs would wait for a search no worker runs
+            raise SystemExit(f"--methods: {method} takes {parent}'s chosen learning rate; list {parent} too "
+                             f"(its search is not finished in {args.out})")
     while True:
         progressed, waiting = False, False
         jobs = plan(lrs, cfg, args.rank, only)

@@ -251,3 +251,11 @@ def test_learning_forgetting_small_4bit_runs_score_the_merged_model(tiny, tmp_pa
     before = _mtimes(out / "runs")
     second = _script("finetune_learning_forgetting.py", *flags)  # a rerun skips every finished run
     assert _mtimes(out / "runs") == before and "study: " not in second
+
+
+def test_methods_without_the_learning_rate_they_borrow_are_refused(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "finetune_learning_forgetting.py"), "--out",
+                           str(tmp_path), "--small", "--methods", "qlora", "--workers", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "takes lora's chosen learning rate; list lora too" in done.stderr
