@@ -116,7 +116,8 @@ def train_and_score(scorer, key: str, method: str, lr: float, seed: int, cfg: di
         # dequantized base, and the fp32 base it would be added to here is another model.
         scores = scorer.score_folder(os.path.join(folder, "model"))
         scores["folder_check"] = scorer.check_folder(os.path.join(folder, "model"),
-                                                     os.path.join(folder, "delta.safetensors"))
+                                                     os.path.join(folder, "delta.safetensors"),
+                                                     low_rank=cli_method == "lora")
     else:
         scores = scorer.score(os.path.join(folder, "delta.safetensors"))
     for path in glob.glob(os.path.join(folder, "checkpoint-*.pt")):  # optimizer state: GBs, not needed
@@ -133,7 +134,8 @@ def train_and_score(scorer, key: str, method: str, lr: float, seed: int, cfg: di
             "loss": [h["loss"] for h in history], "final_loss": statistics.fmean(h["loss"] for h in history[-8:]),
             "train_seconds": summary["phase_seconds"].get("train"), "wall_seconds": round(time.time() - began, 1),
             **({"scored": "model folder (merged fp32)", "quantized_base": summary.get("quantized_base"),
-                "folder_check": scores["folder_check"]} if quantized else {})}
+                "folder_check": scores["folder_check"], "ignored_tensors": scores["ignored_tensors"]}
+               if quantized else {})}
 
 
 def _flag(argv: list[str], name: str) -> str | None:

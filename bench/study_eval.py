@@ -54,9 +54,9 @@ class Scorer:
 
     def score_folder(self, folder: str) -> dict:
         """As :meth:`score`, for the model saved in ``folder`` (save_pretrained's safetensors files)."""
-        self._load_weights(folder_state(folder))
+        ignored = self._load_weights(folder_state(folder))
         try:
-            return self._score_loaded()
+            return {**self._score_loaded(), "ignored_tensors": ignored}
         finally:
             self.model.load_state_dict(self.base_state)
 
@@ -69,25 +69,38 @@ class Scorer:
         finally:
             self.model.load_state_dict(self.base_state)
 
-    def check_folder(self, folder: str, delta_path: str) -> dict:
+    def check_folder(self, folder: str, delta_path: str, low_rank: bool = False) -> dict:
         """How far the saved model in ``folder`` is from dequantized base + ``delta_path``.
 
         apply_delta refuses a delta whose recorded base fingerprints do not match the model, so a
-        successful apply also shows the delta was taken against this dequantized base.
+        successful apply also shows the delta was taken against this dequantized base. Independently of
+        the delta file: how many entries differ from the dequantized base (LIFT: at most its budget) and,
+        with ``low_rank`` (QLoRA), the largest numerical rank of a matrix's change (at most LoRA's rank).
         """
         saved = folder_state(folder)
-        self._load_weights(self.dequantized_base(None)[0])
+        base = self.dequantized_base(None)[0]
+        changed, max_rank = 0, 0
+        for name, w in saved.items():
+            if name in base and w.shape == base[name].shape:
+                change = w.float() - base[name].float()
+                changed += int((change != 0).sum())
+                if low_rank and change.dim() == 2 and change.any():
+                    max_rank = max(max_rank, int(torch.linalg.matrix_rank(change)))
+        self._load_weights(base)
         try:
             lk.apply_delta(self.model, delta_path)
             now = self.model.state_dict()
             differing, largest = 0, 0.0
             for name, w in saved.items():
+                if name not in now:
+                    continue  # a tensor the model has no place for (see _load_weights)
                 diff = (now[name].float() - w.float()).abs()
                 differing += int((diff > 0).sum())
                 largest = max(largest, float(diff.max()) if diff.numel() else 0.0)
         finally:
             self.model.load_state_dict(self.base_state)
-        return {"entries_differing": differing, "max_abs_difference": largest}
+        return {"entries_differing": differing, "max_abs_difference": largest, "changed_vs_dequantized_base": changed,
+                **({"max_rank_of_change": max_rank} if low_rank else {})}
 
     def dequantized_base(self, flags: list[str] | None) -> tuple[dict, dict]:
         """({name: tensor} of the dequantized 4-bit base, its quantization record); loaded once per process
@@ -104,14 +117,17 @@ class Scorer:
             del model
         return self._dequantized
 
-    def _load_weights(self, state: dict) -> None:
-        """Load a full state; only weights tied to another (lm_head to the embedding) may be absent."""
+    def _load_weights(self, state: dict) -> list[str]:
+        """Load a full state; only weights tied to another (lm_head to the embedding) may be absent, since
+        an absent trained weight would silently score the base's. Tensors the model has no place for are
+        left out, as from_pretrained leaves them out when it loads the folder; returns their names."""
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         ptrs = {v.data_ptr() for k, v in self.model.state_dict().items() if k in state}
         untied = [k for k in missing if self.model.state_dict()[k].data_ptr() not in ptrs]
-        if unexpected or untied:
+        if untied:
             self.model.load_state_dict(self.base_state)
-            raise ValueError(f"saved model does not fit the base: unexpected {unexpected[:5]}, missing {untied[:5]}")
+            raise ValueError(f"saved model does not fit the base: missing {untied[:5]} ({len(untied)} in all)")
+        return list(unexpected)
 
     def _score_loaded(self) -> dict:
         _, records = accuracy(self.model, self.tokenizer, self.problems, self.style, self.device,
