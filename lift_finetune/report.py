@@ -18,6 +18,12 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "RSS high-water mark"  # Linux reports KiB
 
 
+def rss_high_water_mib() -> float:
+    """This process's RSS high-water mark in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round((rss if sys.platform == "darwin" else rss * 1024) / 2**20, 1)
+
+
 def write_metrics(path: str, history: list[dict], evals: list[dict]) -> None:
     """One JSON object per line: each training step, then each evaluation."""
     lines = [json.dumps({"event": "train", **h}) for h in history]

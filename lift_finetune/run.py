@@ -15,7 +15,7 @@ import torch
 
 from lift_kernels import info, save_delta
 from lift_kernels.build import ensure as ensure_extension
-from . import checkpoint, data, evaluate, export, methods, model as model_io, report, schedule
+from . import checkpoint, data, evaluate, export, methods, model as model_io, quantize, report, schedule
 from .features import encode, resolve_style
 from .train import LoopConfig, steps_per_epoch, train
 
@@ -28,9 +28,10 @@ ACCEL_DEFAULTS = {"max_steps": None, "epochs": 3, "batch_size": 16, "max_eval": 
 # Flags that change the trajectory: a checkpoint resumes only a run with the same values.
 _FINGERPRINT = ("model", "data", "eval_data", "method", "target_modules", "rank", "lra_rank", "update_interval",
                 "svd", "lr", "schedule", "warmup", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
-                "max_steps", "seed", "max_length", "prompt_style", "bf16", "moment_bits")
+                "max_steps", "seed", "max_length", "prompt_style", "bf16", "moment_bits", "load_in_4bit",
+                "load_in_8bit", "bnb_4bit_quant_type")
 # Fingerprint flags added after checkpoints were written without them: the value those runs had.
-_FINGERPRINT_ADDED = {"moment_bits": 32}
+_FINGERPRINT_ADDED = {"moment_bits": 32, "load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": None}
 
 
 def fail(message: str) -> SystemExit:
@@ -143,6 +144,7 @@ class Prepared:
     setup: methods.Setup
     scheduler: object
     fingerprint: dict
+    quant: quantize.Quant | None = None
     start_step: int = 0
     history: list = field(default_factory=list)
     base_eval: dict | None = None
@@ -165,9 +167,11 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
         resume_from = _checkpoint_to_resume(args)
         train_set, test_set = _datasets(args)
         source = model_io.resolve(args.model)
-        print(f"lift-finetune: {args.method} on {source.name}, device {device}", flush=True)
+        quant = quantize.from_args(args, device)
+        print(f"lift-finetune: {args.method} on {source.name}"
+              f"{f', base quantized to {quant.describe()}' if quant else ''}, device {device}", flush=True)
         print(f"lift-finetune: {_kernels_line(device)}", flush=True)
-        model, tokenizer = model_io.load(source, device)
+        model, tokenizer = model_io.load(source, device, quant)
         style = resolve_style(tokenizer, args.prompt_style)
         features, dropped = encode(tokenizer, train_set, style, args.max_length)
         per_step = args.batch_size * args.grad_accum
@@ -182,11 +186,12 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
         payload = None if resume_from is None else _load_checkpoint(resume_from, fingerprint)
         hp = methods.Hyper(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, rank=args.rank,
                            lra_rank=args.lra_rank, update_interval=args.update_interval, seed=args.seed,
-                           target_modules=args.target_modules, svd=args.svd, moment_bits=args.moment_bits)
+                           target_modules=args.target_modules, svd=args.svd, moment_bits=args.moment_bits,
+                           quant=quant)
         setup = methods.build(args.method, model, hp)
         scheduler = schedule.build(setup.optimizer, args.schedule, schedule.warmup_steps(args.warmup, args.max_steps),
                                    args.max_steps)
-        prep = Prepared(source, tokenizer, style, features, dropped, test_set, setup, scheduler, fingerprint)
+        prep = Prepared(source, tokenizer, style, features, dropped, test_set, setup, scheduler, fingerprint, quant)
         if payload is not None:
             prep.start_step = checkpoint.restore(payload, setup.model, setup.optimizer, scheduler, device,
                                                  resume_from)
@@ -250,17 +255,11 @@ class _PhaseClock:
 
 def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, history, final_eval) -> dict:
     out, base_eval = args.output_dir, prep.base_eval
-    stats = save_delta(tuned, prep.setup.base, os.path.join(out, "delta.safetensors"))
-    model_entry = adapter_entry = None
-    if args.save_model:
-        model_entry = export.save_model_folder(tuned, prep.tokenizer, os.path.join(out, "model"))
-    if args.peft_adapter:
-        if args.method in ("full", "lora"):
-            adapter_entry = {"path": None, "skipped": f"--method {args.method} changes every entry of its weights, "
-                                                      "more than a SHiRA adapter holds"}
-        else:
-            adapter_entry = export.save_adapter(tuned, prep.setup.base, os.path.join(out, "peft-adapter"),
-                                                export.base_name(prep.source))
+    if prep.setup.to_float is not None:
+        stats, model_entry, adapter_entry, quant_entry = _write_quantized(args, prep)
+    else:
+        stats, model_entry, adapter_entry = _write_float(args, prep, tuned)
+        quant_entry = None
     evals = [{k: v for k, v in e.items() if k != "records"} for e in (base_eval, final_eval)]
     report.write_metrics(os.path.join(out, "metrics.jsonl"), history, evals)
     report.write_jsonl(os.path.join(out, "predictions.jsonl"),
@@ -269,22 +268,24 @@ def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, hist
                      f"{args.method} on {prep.source.name} (rank {args.rank})")
     clock.lap("write")
     peak, peak_kind = report.peak_memory(device)
+    rss_mib = report.rss_high_water_mib()
     summary = {
         "model": prep.source.name, "method": args.method, "device": str(device),
         "trainable_entries": prep.setup.trainable, "steps": args.max_steps, "held_out_examples": final_eval["n"],
         "accuracy_base": base_eval["accuracy"], "accuracy_finetuned": final_eval["accuracy"],
-        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_high_water_mib": rss_mib,
         "wall_seconds": round(clock.total(), 2), "phase_seconds": clock.phases,
         "delta": {"path": "delta.safetensors", "bytes": stats.file_bytes, "changed_entries": stats.entries,
                   "tensors": stats.tensors, "model_bytes": stats.model_bytes, "ratio": stats.ratio},
-        "model_folder": model_entry, "peft_adapter": adapter_entry,
+        "model_folder": model_entry, "peft_adapter": adapter_entry, "quantized_base": quant_entry,
         "args": vars(args),
     }
     report.write_json(os.path.join(out, "summary.json"), summary)
     phases = ", ".join(f"{k} {report.human_seconds(v)}" for k, v in clock.phases.items())
     print(f"\nheld-out exact match: base {base_eval['accuracy']:.3f} -> fine-tuned {final_eval['accuracy']:.3f} "
           f"({final_eval['n']} examples)\n"
-          f"peak memory: {report.human_bytes(peak)} ({peak_kind})\n"
+          f"peak memory: {report.human_bytes(peak)} ({peak_kind})"
+          + (f"; RSS high-water mark {rss_mib:.0f} MiB" if device.type != "cpu" else "") + "\n"
           f"wall time: {report.human_seconds(summary['wall_seconds'])} ({phases})\n"
           f"delta: {os.path.join(out, 'delta.safetensors')} {report.human_bytes(stats.file_bytes)} = "
           f"{100 * stats.ratio:.2f}% of the model's {report.human_bytes(stats.model_bytes)} "
@@ -293,3 +294,55 @@ def _write_results(args, prep: Prepared, device, clock: _PhaseClock, tuned, hist
           + f"metrics: {os.path.join(out, 'metrics.jsonl')}, loss curve: {os.path.join(out, 'loss_curve.png')}",
           flush=True)
     return summary
+
+
+def _adapter_skipped(args) -> dict | None:
+    if args.method in ("full", "lora"):
+        return {"path": None, "skipped": f"--method {args.method} changes every entry of its weights, "
+                                         "more than a SHiRA adapter holds"}
+    return None
+
+
+def _write_float(args, prep: Prepared, tuned):
+    out = args.output_dir
+    stats = save_delta(tuned, prep.setup.base, os.path.join(out, "delta.safetensors"))
+    model_entry = adapter_entry = None
+    if args.save_model:
+        model_entry = export.save_model_folder(tuned, prep.tokenizer, os.path.join(out, "model"))
+    if args.peft_adapter:
+        adapter_entry = _adapter_skipped(args) or export.save_adapter(
+            tuned, prep.setup.base, os.path.join(out, "peft-adapter"), export.base_name(prep.source))
+    return stats, model_entry, adapter_entry
+
+
+def _write_quantized(args, prep: Prepared):
+    """Delta, model folder and adapter of a run over a quantized base, all relative to the dequantized base
+    (quantize.py): the trained model is exactly dequant(base) + delta (LIFT) or dequant(base) + LoRA."""
+    out, setup = args.output_dir, prep.setup
+    lift = args.method != "lora"
+    entry = {**prep.quant.as_dict(), "base": "dequantized fp32 (the delta and adapter apply to it)"}
+    if lift:  # the sparse delta straight from the LIFTQuantLinear layers (lift_kernels.delta)
+        sizes = [m.delta_size for m in setup.model.modules() if hasattr(m, "delta_size")]
+        # in memory: an fp32 value and an int32 position per entry (the union of the selections so far)
+        entry.update(trained_delta_entries=int(sum(sizes)), trained_delta_bytes=int(sum(sizes)) * 8)
+        stats = save_delta(setup.model, {}, os.path.join(out, "delta.safetensors"))
+    adapter = args.peft_adapter and not _adapter_skipped(args)
+    if lift and not (adapter or args.save_model):
+        return stats, None, _adapter_skipped(args) if args.peft_adapter else None, entry
+    base = setup.float_base() if not lift or adapter else None
+    float_model = setup.to_float(torch.float32)  # the quantized layers are gone after this
+    if not lift:
+        stats = save_delta(float_model, base, os.path.join(out, "delta.safetensors"))
+    adapter_entry = None
+    if args.peft_adapter:
+        adapter_entry = _adapter_skipped(args) or export.save_adapter(
+            float_model, base, os.path.join(out, "peft-adapter"), export.base_name(prep.source))
+        if adapter_entry.get("path"):
+            adapter_entry["base"] = "the dequantized base (lift_finetune.export.load_run_base)"
+    model_entry = None
+    if args.save_model:
+        # bf16 when the run computed in bf16, else fp32: the fp32 weights are the exact trained ones.
+        if args.bf16:
+            float_model.to(torch.bfloat16)
+        model_entry = export.save_model_folder(float_model, prep.tokenizer, os.path.join(out, "model"))
+    return stats, model_entry, adapter_entry, entry

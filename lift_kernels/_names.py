@@ -32,3 +32,9 @@ def canonical_map(names: Iterable[str], what: str) -> dict[str, str]:
                              "prefix (_orig_mod., module.); pass the state dict of one model, unwrapped")
         out[key] = name
     return out
+
+
+def module_matches(module_name: str, target: str) -> bool:
+    """Whether ``target`` names module ``module_name``: as one of its dotted components ("q_proj",
+    "mlp"), a dotted suffix ("mlp.down_proj") or the whole name (how target_modules are matched)."""
+    return target in module_name.split(".") or module_name.endswith("." + target) or module_name == target

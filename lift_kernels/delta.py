@@ -21,13 +21,25 @@ check that the result matches the fingerprint before writing. A checksum over ev
 metadata detects a damaged file. Everything is checked before the first weight changes: an error
 leaves the model as it was. Names are matched without wrapper prefixes (``_orig_mod.``, ``module.``),
 so deltas move between a model and its torch.compile / DDP wrapper.
+
+A model whose linears are ``lift_kernels.quantized.LIFTQuantLinear`` (LIFT over a bitsandbytes base)
+has no float weight to compare; ``save_delta`` takes such a layer ``M`` as the float weight
+``M.weight`` it computes with: ``effective_weight()`` (fp32) against its own frozen base,
+``dequantized()``, unless ``base_state_dict`` names ``M.weight``. Only the layer's delta positions can
+differ; of those, the file holds the ones whose fp32 effective weight differs from the base (a delta
+value too small to change the fp32 sum changes nothing in the trained model either). The layer's own
+state (``M.delta``, ``M.positions``, ``M.base.*``) is not compared. The delta is an fp32 one, so
+``apply_delta`` on a float model of the same architecture that holds the dequantized base gives the
+trained model's weights exactly.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +101,15 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     return out, alias
 
 
+def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: LIFTQuantLinear} of ``model`` (none when lift_kernels.quantized is absent)."""
+    try:
+        from .quantized import LIFTQuantLinear
+    except ImportError:
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LIFTQuantLinear)}
+
+
 def _split_exact(new: Tensor, old: Tensor, name: str) -> list[tuple[str, Tensor, Tensor]]:
     """(key suffix, positions, difference) per storage dtype, with old + d == new and new - d == old exactly."""
     tiers = _TIERS.get(new.dtype, [new.dtype])
@@ -128,13 +149,16 @@ def _checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str
 
 
 def _match_base(model: nn.Module, base_state_dict: Mapping[str, Tensor],
-                alias: dict[str, str]) -> dict[str, Tensor]:
-    """{name kept by _unique_state: base tensor}; refuses a base whose names are not all the model's."""
+                alias: dict[str, str], virtual: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """{name kept by _unique_state: base tensor}; refuses a base whose names are not all the model's.
+    ``virtual``: names of weights the model computes with but does not store (LIFTQuantLinear's "M.weight");
+    with any, an empty base is fine (those layers hold their own)."""
     if isinstance(base_state_dict, nn.Module):
         raise TypeError("save_delta: pass the base model's state_dict(), not the module")
+    alias = {**alias, **{name: name for name in virtual}}
     model_names = canonical_map(alias, "the model")
     base_names = canonical_map(base_state_dict.keys(), "base_state_dict")
-    if not base_names:
+    if not base_names and not virtual:
         raise DeltaError("save_delta: base_state_dict is empty, so nothing can be compared; pass the state "
                          "dict of the model as it was before fine-tuning (a copy of model.state_dict())")
     unmatched = [raw for key, raw in base_names.items() if key not in model_names]
@@ -155,14 +179,18 @@ def save_delta(model: nn.Module, base_state_dict: Mapping[str, Tensor], path: st
     are taken as unchanged. The file appears only when complete.
     """
     state, alias = _unique_state(model)
-    base = _match_base(model, base_state_dict, alias)
+    quant = _quant_layers(model)
+    virtual = {f"{name}.weight" if name else "weight": m for name, m in quant.items()}
+    base = _match_base(model, base_state_dict, alias, tuple(virtual))
+    owned = tuple(f"{name}." for name in quant)  # state of a LIFTQuantLinear: compared as its M.weight
     tensors: dict[str, Tensor] = {}
     weights: dict[str, dict] = {}
     entries = 0
-    for name, new in state.items():
-        if name not in base or not new.is_floating_point():
+    pairs = ((name, new) for name, new in state.items() if not (owned and name.startswith(owned)))
+    # chain, not a list: a LIFTQuantLinear's dense matrices exist only while it is compared
+    for name, new, old in itertools.chain(((n, t, base.get(n)) for n, t in pairs), _quant_pairs(virtual, base)):
+        if old is None or not new.is_floating_point():
             continue
-        old = base[name]
         if tuple(old.shape) != tuple(new.shape):
             raise ValueError(f"{name}: the base tensor has shape {tuple(old.shape)}, the model's is "
                              f"{tuple(new.shape)}; pass the state dict of the model's own base")
@@ -194,8 +222,39 @@ def save_delta(model: nn.Module, base_state_dict: Mapping[str, Tensor], path: st
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    # The float model the delta applies to: a quantized layer (LIFTQuantLinear or a plain bitsandbytes
+    # one) counts as its fp32 weight, not its packed state.
+    packed = _bnb_layers(model)
+    prefixes = tuple(f"{name}." for name in packed)
+    model_bytes = sum(t.numel() * t.element_size() for name, t in state.items()
+                      if not (prefixes and name.startswith(prefixes)))
+    model_bytes += sum(4 * m.out_features * m.in_features + _bias_bytes(m) for m in packed.values())
     return DeltaStats(len(weights), entries, os.path.getsize(path), model_bytes)
+
+
+def _bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: layer} of the quantized linears: LIFTQuantLinear, and bitsandbytes ones outside them."""
+    quant = _quant_layers(model)
+    if not quant and "bitsandbytes" not in sys.modules:
+        return {}
+    from .quantized.dequant import bnb_kind
+
+    inner = {id(m.base) for m in quant.values()}
+    return {**quant, **{name: m for name, m in model.named_modules() if bnb_kind(m) and id(m) not in inner}}
+
+
+def _bias_bytes(layer: nn.Module) -> int:
+    bias = getattr(getattr(layer, "base", layer), "bias", None)
+    return 0 if bias is None else bias.numel() * bias.element_size()
+
+
+def _quant_pairs(virtual: dict[str, nn.Module], base: dict[str, Tensor]):
+    """(name, new, old) per LIFTQuantLinear, one at a time (two dense fp32 matrices while compared).
+    Outside the layer's positions effective_weight() is its dequantized base, so only those can differ."""
+    with torch.no_grad():
+        for name, layer in virtual.items():
+            old = base[name] if name in base else layer.dequantized(torch.float32)
+            yield name, layer.effective_weight(torch.float32), old
 
 
 @dataclass
@@ -337,6 +396,11 @@ def _plan(model: nn.Module, path: str | os.PathLike, sign: int) -> list[_Change]
     weights, seen = {}, set()
     for name, spec in specs.items():
         if canonical(name) not in names:
+            quant = {canonical(f"{n}.weight") for n in _quant_layers(model)}
+            if canonical(name) in quant:
+                raise DeltaError(f"{path}: the delta changes {name}, which is a LIFTQuantLinear (quantized base) "
+                                 "in this model; apply the delta to a float model of the same architecture that "
+                                 "holds the dequantized base")
             raise DeltaError(f"{path}: the delta changes {name}, which this model does not have")
         w = model_state[names[canonical(name)]].detach()
         if list(w.shape) != spec["shape"]:

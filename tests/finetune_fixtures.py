@@ -37,3 +37,35 @@ def build_tiny_model(folder: str) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Ranks that fit the tiny model's smallest matrix (k_proj, 16 x 32: at most rank 10).
+SMALL = ["--rank", "2", "--lra-rank", "2", "--batch-size", "4", "--max-eval", "6", "--max-new-tokens", "4",
+         "--eval-batch-size", "8", "--device", "cpu"]
+
+
+def run_cli(model, out, *extra):
+    from lift_finetune import cli
+
+    return cli.main(["--model", model, "--output-dir", str(out), *SMALL, *extra])
+
+
+def crash_at_step(monkeypatch, step: int, run) -> None:
+    """Call ``run()`` with training raising at optimizer step ``step`` (0-based), as a crash would."""
+    import pytest
+
+    from lift_finetune import train as train_module
+
+    real = train_module._step_batches
+
+    def crashing(features, cfg, at, pad_id):
+        if at == step:
+            raise RuntimeError("simulated crash")
+        return real(features, cfg, at, pad_id)
+
+    monkeypatch.setattr(train_module, "_step_batches", crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run()
+    finally:
+        monkeypatch.setattr(train_module, "_step_batches", real)

@@ -7,25 +7,17 @@ import sys
 
 import pytest
 import torch
-from finetune_fixtures import build_tiny_model
+from finetune_fixtures import build_tiny_model, crash_at_step, run_cli
 from safetensors import safe_open
 
 import lift_kernels as lk
 from lift_finetune import cli, evaluate
-from lift_finetune import train as train_module
 
-# Ranks that fit the tiny model's smallest matrix (k_proj, 16 x 32: at most rank 10).
-SMALL = ["--rank", "2", "--lra-rank", "2", "--batch-size", "4", "--max-eval", "6", "--max-new-tokens", "4",
-         "--eval-batch-size", "8", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))
-
-
-def run_cli(model, out, *extra):
-    return cli.main(["--model", model, "--output-dir", str(out), *SMALL, *extra])
 
 
 def fail_message(model, out, *extra) -> str:
@@ -91,19 +83,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_model, tmp_path, monke
     common = ["--max-steps", "4", "--save-every", "2", "--update-interval", "3"]  # a refresh after the resume
     run_cli(tiny_model, tmp_path / "whole", *common)
 
-    real = train_module._step_batches
-
-    def crash_at_third_step(features, cfg, step, pad_id):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return real(features, cfg, step, pad_id)
-
-    monkeypatch.setattr(train_module, "_step_batches", crash_at_third_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(tiny_model, tmp_path / "split", *common)
+    crash_at_step(monkeypatch, 2, lambda: run_cli(tiny_model, tmp_path / "split", *common))
     assert sorted(os.listdir(tmp_path / "split")) == ["checkpoint-000002.pt"]  # nothing half-written
-    monkeypatch.setattr(train_module, "_step_batches", real)
-
     run_cli(tiny_model, tmp_path / "split", *common, "--resume")
     whole = [r for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if r["event"] == "train"]
     split = [r for r in read_jsonl(tmp_path / "split" / "metrics.jsonl") if r["event"] == "train"]

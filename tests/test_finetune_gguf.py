@@ -82,3 +82,18 @@ def test_save_pretrained_round_trip(smollm, tmp_path):
     mine, theirs = model.state_dict(), again.state_dict()
     assert set(mine) == set(theirs)
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_load_in_4bit_goes_through_a_folder(tmp_path, monkeypatch):
+    """transformers refuses a quantization config with gguf_file; load() saves the dequantized model to a
+    temporary folder and reloads it quantized (issue 20), leaving no folder behind."""
+    pytest.importorskip("bitsandbytes")
+    from lift_finetune import quantize
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    model, _ = model_io.load(model_io.builtin_source(), torch.device("cpu"), quantize.Quant(4, "nf4", torch.float32))
+    assert quantize.is_quantized(model) and type(model.lm_head) is torch.nn.Linear
+    assert list(tmp_path.iterdir()) == []

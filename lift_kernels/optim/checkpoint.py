@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .moments import FIELDS, coded_sizes
+from .quant_weights import is_quant, matrix_shape
 from .validation import check_hyperparameters
 
 _PER_ENTRY = ("exp_avg", "exp_avg_sq", "master")
@@ -109,9 +110,9 @@ def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str, bits: int =
     if "idx" not in s:
         raise ValueError(f"checkpoint at {where}: a LIFT weight here, but the saved state is dense AdamW's "
                          "(keys %s); build the optimizer's groups (lift=...) as the saved run did" % sorted(s))
-    if "shape" not in s or tuple(s["shape"]) != tuple(p.shape):
+    if "shape" not in s or tuple(s["shape"]) != matrix_shape(p):
         raise ValueError(f"checkpoint mismatch at {where}: the saved LIFT state is for a "
-                         f"{tuple(s.get('shape', ()))} weight, this parameter is {tuple(p.shape)}; "
+                         f"{tuple(s.get('shape', ()))} weight, this parameter is {matrix_shape(p)}; "
                          "load a checkpoint of this model")
     step = s.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -136,6 +137,10 @@ def _check_lift_entry(s: dict, p: Tensor, local: Tensor, where: str, bits: int =
                                   f"{getattr(v, 'dtype', type(v).__name__)} of shape {tuple(getattr(v, 'shape', ()))}")
     if k:
         lo, hi = int(idx.min()), int(idx.max())
+        if hi >= numel and lo >= 0 and is_quant(p):
+            raise ValueError(f"checkpoint at {where}: its selection addresses {hi + 1} or more entries of a quantized "
+                             f"layer's delta, which holds {numel} now; load the model's state (its deltas) "
+                             "before the optimizer's")
         if lo < 0 or hi >= numel:
             raise _corrupt(where, f"indices must lie in [0, {numel}), found {lo if lo < 0 else hi}")
         if k > 1 and not bool((idx[1:] > idx[:-1]).all()):

@@ -12,6 +12,7 @@ from .. import ops
 from . import grad_hooks
 from .applied_grad import applied_grad, has_grad
 from .checkpoint import load_lift_state_dict
+from . import quant_weights
 from .moments import Books, bits_of_state
 from .selection import needs_grad, needs_selection, refresh
 from .state import check_same_bits, init_dense_state, install_selection, uses_master
@@ -114,14 +115,20 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._hooks = []
         grad_hooks.remove_when_collected(self, self._hooks)
         self._books = Books()  # the 8-bit moments' code books, once per device
+        self._counting = quant_weights.Counting()  # 0..U-1 for quantized layers' whole-delta selections
 
     def _hook_all(self) -> None:
         """Hook every LIFT weight that trains and make this optimizer the one whose hooks act on it."""
         for p in self.lift_parameters():
-            if p.requires_grad:
-                grad_hooks.install(self, p, self._hooks)
+            self._hook(p)
         for p in self.lift_parameters():
             grad_hooks.claim(self, p)
+
+    def _hook(self, p: Tensor) -> None:
+        if p.requires_grad:
+            grad_hooks.install(self, p, self._hooks)
+        if quant_weights.is_quant(p):
+            quant_weights.install_forward_hook(self, p, self._hooks)
 
     # ----------------------------------------------------------------------------- copies, pickles
     def __getstate__(self) -> dict:
@@ -130,6 +137,11 @@ class LIFTAdamW(torch.optim.Optimizer):
             raise TypeError("a LIFTAdamW whose selection_group is a ProcessGroup cannot be copied or pickled "
                             "(process groups belong to one process); set opt.selection_group = 'world' "
                             "first, and back in the copy")
+        quant = [self._name_of(p) for p in self.lift_parameters() if quant_weights.is_quant(p)]
+        if quant:
+            raise TypeError(f"a LIFTAdamW training quantized layers ({quant[0]}, ...) cannot be copied or pickled: "
+                            "a copy's deltas would be detached from their layers; save opt.state_dict() "
+                            "with the model's state_dict() instead")
         state["lift_config"] = {key: getattr(self, key) for key in _CONFIG}
         return state
 
@@ -214,6 +226,12 @@ class LIFTAdamW(torch.optim.Optimizer):
                 for i, (p, name) in enumerate(zip(group["params"], names)) if self._is_lift(group, p)]
         try:  # everything checked before any hook is installed
             check_hyperparameters(group)
+            if group["lift"] is False:
+                for i, p in enumerate(group["params"]):
+                    if quant_weights.is_quant(p):
+                        raise ValueError(f"{names[i] or f'param_groups[{gi}][{i}]'} is the sparse delta of a "
+                                         "quantized layer, which only LIFT trains; put it in a group with "
+                                         "lift=True or lift unset")
             for p, name in lift:
                 check_lift_param(p, name, group, self.sparse_grad)
                 if group["moment_bits"] == 8 and self.strategy.is_dtensor(p):
@@ -226,8 +244,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             raise
         if self._built:  # a group added later; __init__ hooks its groups' weights at its end
             for p, _ in lift:
-                if p.requires_grad:
-                    grad_hooks.install(self, p, self._hooks)
+                self._hook(p)
                 grad_hooks.claim(self, p)
 
     @property
@@ -238,7 +255,7 @@ class LIFTAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _is_lift(group: dict, p: Tensor) -> bool:
-        return group["lift"] is True or (group["lift"] is None and p.dim() == 2)
+        return group["lift"] is True or (group["lift"] is None and (p.dim() == 2 or quant_weights.is_quant(p)))
 
     def _lift_of(self, group: dict) -> list[Tensor]:
         return [p for p in group["params"] if self._is_lift(group, p)]
@@ -255,14 +272,24 @@ class LIFTAdamW(torch.optim.Optimizer):
         return "a parameter not in this optimizer"
 
     # ----------------------------------------------------------------------------- selection
-    def _select_due(self, group: dict, params: list[Tensor]) -> None:
+    def _select_due(self, group: dict, params: list[Tensor], in_forward: bool = False) -> None:
         """The one entry to selection: select the LIFT weights of ``params`` that are due before
         their next step. step() calls it, and so, earlier, do clip_grad_norm_ and the gradient
-        hooks (through ``_select_due_of``) so that they act on the entries the step will update."""
+        hooks (through ``_select_due_of``) so that they act on the entries the step will update.
+        Quantized layers' deltas select earlier still, in their forward pre-hook (``in_forward``:
+        quant_weights.py says why); one found due anywhere else missed it."""
         due = []
         for p in params:
             state = self.state[p]
             check_unchanged_shape(p, state, self._name_of)
+            if quant_weights.is_quant(p) != in_forward:
+                if not in_forward and needs_selection(state, group, state.get("step", 0) + 1) and has_grad(self, p):
+                    raise RuntimeError(
+                        f"{self._name_of(p)} (a quantized layer's delta) is due for a selection, which is made "
+                        "before its layer's forward pass, but it has a gradient from a forward pass made "
+                        "without that selection (before this optimizer was built or loaded?); call "
+                        "zero_grad() and run forward and backward again")
+                continue
             if needs_selection(state, group, state.get("step", 0) + 1):
                 due.append(p)
         if not due:
@@ -279,8 +306,13 @@ class LIFTAdamW(torch.optim.Optimizer):
         positions = {id(p): i for i, p in enumerate(self.lift_parameters())}
         for t, ps in by_step.items():
             for p, idx in refresh(group, ps, t, positions, self._seed, grads, self.strategy):
-                install_selection(self.state[p], p, self.strategy.local(p), idx, uses_master(group, p), t,
-                                  self._moment_books(group, p))
+                state, books = self.state[p], self._moment_books(group, p)
+                if in_forward:
+                    quant_weights.install_quant_selection(
+                        state, p, idx, lambda slots: install_selection(state, p, p, slots, False, t, books),
+                        self._counting)
+                else:
+                    install_selection(state, p, self.strategy.local(p), idx, uses_master(group, p), t, books)
 
     def _moment_books(self, group: dict, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """The code books on ``p``'s device for a group with 8-bit moments, else None."""
@@ -293,6 +325,21 @@ class LIFTAdamW(torch.optim.Optimizer):
         group, state = self._group_of(p), self.state[p]
         if needs_selection(state, group, state.get("step", 0) + 1):
             self._select_due(group, self._lift_of(group))
+
+    # A selection (host decisions, a grown delta) is never traced into a compiled forward, and records
+    # nothing for autograd: inside an activation-checkpointed block the recompute (which does not
+    # select again) must save exactly what the forward saved.
+    @host_side
+    @torch.no_grad()
+    def _before_quant_forward(self, p: Tensor, layer) -> None:
+        """Before a forward of quantized ``layer`` (whose delta is ``p``): select its group's quantized
+        layers if due, and show the layer the slots whose gradient its backward forms."""
+        if grad_hooks.owner(p) is not self:
+            return  # a newer LIFTAdamW on the same layer acts on it
+        group, state = self._group_of(p), self.state[p]
+        if needs_selection(state, group, state.get("step", 0) + 1):
+            self._select_due(group, [q for q in self._lift_of(group) if quant_weights.is_quant(q)], in_forward=True)
+        layer.selected = state["idx"]
 
     def _waits_for_grad(self, p: Tensor) -> bool:
         """Whether ``p`` selects before its next step by scoring its gradient: then that step keeps
@@ -417,6 +464,9 @@ class LIFTAdamW(torch.optim.Optimizer):
         if any(p.grad is not None and p.grad.is_sparse for p in params):
             raise RuntimeError("LIFTAdamW does not take torch.sparse gradients")
         check_step_dtypes(params, self._name_of)  # before any state changes
+        if float(group["weight_decay"]) != 0.0 and any(quant_weights.is_quant(p) for p in params):
+            raise ValueError("weight_decay must stay 0 in a group with quantized layers' deltas (the frozen "
+                             "base cannot decay); nothing was changed")
         self._select_due(group, params)
         beta1, beta2 = (float(b) for b in group["betas"])
         maximize = group["maximize"]

@@ -5,15 +5,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .._names import module_matches
+
 from ..quantized.linear import LIFTQuantLinear
 
 # Set on a parameter that lift_param_groups froze (it was trainable): a later call counts it as
 # trainable again, so every call on a model gives the groups the first gave.
 _FROZEN_HERE = "_lift_param_groups_froze"
-
-
-def _matches(module_name: str, target: str) -> bool:
-    return target in module_name.split(".") or module_name.endswith("." + target) or module_name == target
 
 
 def _trainable(p: Tensor) -> bool:
@@ -67,7 +65,7 @@ def lift_param_groups(model: nn.Module, target_modules: str | Sequence[str] | No
         if targets is None:
             chosen = name.split(".")[-1] != "lm_head"
         else:
-            hits = [t for t in targets if _matches(name, t)]
+            hits = [t for t in targets if module_matches(name, t)]
             if _trainable(w):
                 matched.update(hits)
             chosen = bool(hits)

@@ -26,6 +26,7 @@ from .. import ops
 from ..reference import exact_lowrank, fast_lowrank, topk_flat_indices
 from ..reference.select import SVD_MODES, full_rank
 from .cpu_threads import run_jobs
+from .quant_weights import matrix_numel, matrix_shape, selection_matrix
 
 # Matrices of one shape are selected together; a bucket's stacked copy is kept under this many bytes
 # (at least one matrix) so a refresh never doubles the memory of the weights.
@@ -212,7 +213,7 @@ class Chunk:
         """The weights (and, for selectors that score them, gradients) as ``stack`` lays them out,
         each as ``local`` gives this process's part of it."""
         grad = stack([local(g) for g in self.grads]) if self.grads is not None else None
-        return stack([local(p).detach() for p in self.params]), grad
+        return stack([local(selection_matrix(p)).detach() for p in self.params]), grad
 
     def scores(self, x: Matrices) -> Tensor:
         return self.selector.score(x)
@@ -257,17 +258,17 @@ def refresh(group: dict, params: list[Tensor], t: int, positions: dict[int, int]
     """
     by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
-        by_shape[(p.shape, p.dtype, p.device)].append(p)
+        by_shape[(matrix_shape(p), p.dtype, p.device)].append(p)
     chunks: list[Chunk] = []
     for (shape, _, _), ps in by_shape.items():
         k = budget(shape, group["rank"], group["density"])
-        per_batch = max(1, SELECT_BUCKET_BYTES // (ps[0].numel() * ps[0].element_size()))
+        per_batch = max(1, SELECT_BUCKET_BYTES // (matrix_numel(ps[0]) * ps[0].element_size()))
         for start in range(0, len(ps), per_batch):
             chunk = ps[start:start + per_batch]
             gen = selection_generator(seed, positions[id(chunk[0])], t)
             chunks.append(Chunk(chunk, [grads[p] for p in chunk] if grads is not None else None, k, group, gen))
     # Largest chunks first, so that side by side they finish together; returned in their own order.
-    order = sorted(range(len(chunks)), key=lambda i: -sum(p.numel() for p in chunks[i].params))
+    order = sorted(range(len(chunks)), key=lambda i: -sum(matrix_numel(p) for p in chunks[i].params))
     on_cpu = all(p.device.type == "cpu" for p in params)
     results = run_jobs([partial(strategy.select, chunks[i]) for i in order], on_cpu,
                        side_by_side=strategy.side_by_side())

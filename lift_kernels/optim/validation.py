@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 
 from .moments import check_moment_bits
-from .selection import check_selection, is_int, real
+from .quant_weights import check_quant_param, is_quant, matrix_shape
+from .selection import check_selection, is_int, needs_grad, real
 
 __all__ = ["check_finite_weights", "check_flag", "check_hyperparameters", "check_lift_param", "check_seed",
            "check_step_dtypes", "check_unchanged_shape"]
@@ -79,6 +80,10 @@ def check_seed(seed) -> int:
 
 
 def check_lift_param(p: torch.Tensor, name: str, group: dict, sparse_grad: bool = False) -> None:
+    if is_quant(p):
+        check_quant_param(p, name, group, needs_grad(group))
+        check_selection(group, matrix_shape(p), name)
+        return
     if p.dim() != 2:
         raise ValueError(
             f"LIFT weights must be 2-D matrices, but {name} has shape {tuple(p.shape)}; put it in a "
@@ -116,9 +121,9 @@ def check_step_dtypes(params: list, name_of: Callable) -> None:
 
 def check_unchanged_shape(p: torch.Tensor, state: dict, name_of: Callable) -> None:
     """A weight resized after the optimizer started (p.data = ...) would keep training stale entries."""
-    shape = state.get("shape")
-    if shape is not None and tuple(p.shape) != tuple(shape):
-        raise ValueError(f"LIFT weight {name_of(p)} changed shape from {tuple(shape)} to {tuple(p.shape)} "
+    shape, now = state.get("shape"), matrix_shape(p)  # a quantized layer's delta: the layer's (m, n)
+    if shape is not None and now != tuple(shape):
+        raise ValueError(f"LIFT weight {name_of(p)} changed shape from {tuple(shape)} to {now} "
                          "after LIFTAdamW started training it; build a new optimizer for the new weights")
 
 

@@ -16,6 +16,17 @@ from .positions import check_positions, union
 from .registry import register
 
 
+def _resize(p: nn.Parameter, data: Tensor) -> None:
+    """Give ``p`` new data of another size, keeping the Parameter (optimizers hold it).
+
+    A leaf's gradient accumulator records the leaf's shape when made, and a graph still alive (the
+    previous step's ``loss``) keeps it alive, so the next backward would check the new gradient
+    against the old shape. Assigning (empty) data of another dtype first makes autograd drop that accumulator
+    (set_data does so when the type changes); the next forward makes one of the new shape."""
+    p.data = data.new_empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32)
+    p.data = data
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """y = x @ module.effective_weight().T; gradients for x and for module.delta."""
 
@@ -84,18 +95,17 @@ class LIFTQuantLinear(nn.Module):
         with. Differentiable with respect to ``delta``."""
         W = dequantize(self.base, self.kind)
         if self.delta.numel():
-            W.view(-1).index_add_(0, self.positions.long(), self.delta)
+            W.view(-1).index_add_(0, self.positions, self.delta)  # int32 indices: no int64 copy per call
         return W.to(dtype)
 
     def delta_grad(self, grad_out: Tensor, x: Tensor) -> Tensor:
         """The gradient of ``delta`` (fp32, (U,)) for 2-D grad_out (T, out) and x (T, in): formed at
         the selected slots, zero at the others."""
-        if self.selected is None:
+        slots = self.selected
+        if slots is None or slots.numel() == self.delta.numel():  # sorted, distinct: every slot
             return ops.sampled_weight_grad(grad_out, x, self.positions)
-        slots = self.selected.long()
-        grad = torch.zeros_like(self.delta)
-        grad[slots] = ops.sampled_weight_grad(grad_out, x, self.positions[slots])
-        return grad
+        values = ops.sampled_weight_grad(grad_out, x, self.positions.index_select(0, slots))
+        return torch.zeros_like(self.delta).index_add_(0, slots, values)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
@@ -118,7 +128,7 @@ class LIFTQuantLinear(nn.Module):
         """
         check_positions(new_positions, self.in_features * self.out_features, self.positions.device)
         positions, slots, old_to_new = union(self.positions, new_positions)
-        self.delta.data = self._moved(self.delta.data, old_to_new, positions.numel())
+        _resize(self.delta, self._moved(self.delta.data, old_to_new, positions.numel()))
         if self.delta.grad is not None:
             self.delta.grad = self._moved(self.delta.grad, old_to_new, positions.numel())
         self.positions.data = positions
@@ -141,7 +151,7 @@ class LIFTQuantLinear(nn.Module):
                 error_msgs.append(f"{prefix}delta and {prefix}positions must be 1-D of one length, got "
                                   f"{tuple(delta.shape)} and {tuple(positions.shape)}")
                 return
-            self.delta.data = self.delta.data.new_zeros(delta.shape)
+            _resize(self.delta, self.delta.data.new_zeros(delta.shape))
             self.delta.grad = None
             self.positions.data = self.positions.data.new_zeros(positions.shape)
             self.selected = None

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .._names import module_matches
 from .dequant import bnb_kind
 from .linear import LIFTQuantLinear
 
@@ -32,35 +33,34 @@ def quantize_for_lift(model: nn.Module, target_modules: str | Sequence[str] | No
     as they are, so a second call wraps nothing. Raises ValueError when the model has no bnb linear,
     or a target matches none.
     """
-    from ..optim.param_groups import _matches
-
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = list(target_modules) if target_modules else None
     heads = _output_layers(model)
     wrapped_bases = {id(m.base) for m in model.modules() if isinstance(m, LIFTQuantLinear)}
-    candidates, matched = [], set()
+    layers = []  # (name, whether it is wrapped already) of every bnb linear that may be wrapped
     for name, module in model.named_modules():
         is_wrapper = isinstance(module, LIFTQuantLinear)
         if not is_wrapper and (bnb_kind(module) is None or id(module) in wrapped_bases):
             continue
-        if id(module) in heads or (is_wrapper and id(module.base) in heads):
-            continue
-        hits = [t for t in targets if _matches(name, t)] if targets is not None else [None]
-        matched.update(hits)
-        if hits and not is_wrapper:
-            candidates.append(name)
-    if not candidates and not wrapped_bases:
+        if id(module) not in heads and not (is_wrapper and id(module.base) in heads):
+            layers.append((name, is_wrapper))
+    if not layers:
         raise ValueError(
             "quantize_for_lift: the model has no bitsandbytes Linear4bit or Linear8bitLt layer to wrap (lm_head "
             "and the output embeddings are never wrapped); load it quantized, e.g. from_pretrained(..., "
             "quantization_config=BitsAndBytesConfig(load_in_4bit=True)), or for a full-precision model pass "
             "lift_param_groups(model) to LIFTAdamW directly")
-    unmatched = [t for t in targets or () if t not in matched]
-    if unmatched:
-        layers = [n for n, m in model.named_modules() if bnb_kind(m) or isinstance(m, LIFTQuantLinear)]
-        raise ValueError(f"quantize_for_lift: target_modules {unmatched!r} matched no bitsandbytes linear "
-                         f"(mistyped?); the model's are {layers[:12]}{' ...' if len(layers) > 12 else ''}")
+    if targets is None:
+        candidates = [name for name, wrapped in layers if not wrapped]
+    else:
+        candidates = [name for name, wrapped in layers if not wrapped and any(module_matches(name, t) for t in targets)]
+        unmatched = [t for t in targets if not any(module_matches(name, t) for name, _ in layers)]
+        if unmatched:
+            names = [name for name, _ in layers]
+            raise ValueError(f"quantize_for_lift: target_modules {unmatched!r} matched no bitsandbytes linear "
+                             f"(mistyped? lm_head is never wrapped); the model's are "
+                             f"{names[:12]}{' ...' if len(names) > 12 else ''}")
     if "" in candidates:
         raise ValueError("quantize_for_lift: the model is itself a bitsandbytes linear; wrap it as "
                          "LIFTQuantLinear(model) instead")
