@@ -129,7 +129,7 @@ def _lora(model: nn.Module, hp: Hyper, mats: dict[str, Tensor]) -> Setup:
 def quantized_targets(model: nn.Module, targets: list[str] | None) -> dict[str, tuple[int, int]]:
     """{"<module>.weight": (out, in)} of the bitsandbytes linears LIFT or QLoRA trains: those the targets
     name, matched as lift_param_groups matches them (default: all but lm_head, which stays float)."""
-    from lift_kernels.optim.param_groups import _matches
+    from lift_kernels._names import module_matches
 
     from .quantize import is_bnb_linear
 
@@ -137,7 +137,7 @@ def quantized_targets(model: nn.Module, targets: list[str] | None) -> dict[str, 
     for name, module in model.named_modules():
         if not is_bnb_linear(module):
             continue
-        hits = [t for t in targets if _matches(name, t)] if targets else [None]
+        hits = [t for t in targets if module_matches(name, t)] if targets else [None]
         if hits and name.split(".")[-1] != "lm_head":
             matched.update(hits)
             found[f"{name}.weight"] = (module.out_features, module.in_features)
