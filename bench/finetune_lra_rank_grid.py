@@ -36,6 +36,7 @@ import time
 from finetune_common import default_device, environment, pyplot, run_finetune, write_json
 from finetune_learning_forgetting import _flag, spawn_workers, summary_history
 from study_runs import RunStore
+from study_report import paired_row
 from study_stats import bootstrap, t_interval
 
 FULL_LRA = 0  # the "full" column: LRA rank -> full rank, i.e. plain magnitude selection
@@ -352,12 +353,7 @@ def table(summary: dict, cfg: dict) -> str:
         if c["verdict"] == "not run":
             lines.append(f"| {c['claim']} | | | | | | not run |")
             continue
-        per_seed = ", ".join(f"{100 * d:+.1f}" for d in c["difference_by_seed"].values())
-        pt = c["paired_t"]
-        paired = f"[{100 * pt[1]:+.2f}, {100 * pt[2]:+.2f}]" if pt else ""
-        lines.append(f"| {c['claim']} | {100 * c['difference']:+.2f} points | "
-                     f"[{100 * c['boot'][0]:+.2f}, {100 * c['boot'][1]:+.2f}] | {per_seed} | {paired} | "
-                     f"{c['seeds'][0]}, {c['seeds'][1]} | {c['verdict']} |")
+        lines.append(paired_row(c, c["boot"]))
     if summary["best_in_row"]:
         lines += ["", "Share of bootstrap replicates in which each LRA rank has the row's best mean (paired, "
                       "seeds and problems resampled):", ""]
