@@ -53,9 +53,6 @@ def selection_matrix(p: Tensor) -> Tensor:
 
 def check_quant_param(p: Tensor, name: str, group: dict, needs_grad: bool) -> None:
     """The options a quantized base's delta cannot take, refused when its group is added."""
-    if group["lift"] is False:
-        raise ValueError(f"{name} is the sparse delta of a quantized layer, which only LIFT trains; put it "
-                         "in a group with lift=True or lift unset")
     if p.dtype != torch.float32 or p.dim() != 1:
         raise ValueError(f"{name} (a quantized layer's delta) must be a 1-D fp32 tensor, got {p.dtype} "
                          f"of shape {tuple(p.shape)}; do not convert LIFTQuantLinear.delta")
